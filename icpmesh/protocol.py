@@ -1,0 +1,372 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The ICP datagram protocol: decode, dispatch, correlate, time out.
+
+L{ICPProtocol} owns the node's one ICP socket.  It decodes every datagram
+with L{icpmesh.icp}; hands QUERY messages to a responder (policy, see
+L{icpmesh.server}); matches replies to the query rounds it sent, by request
+number, source address and URL; and ends each round when it is complete or
+its timeout, scheduled on the injected reactor, fires.  It holds no policy of
+its own, in the style of C{twisted.names.dns.DNSDatagramProtocol}.
+
+Malformed datagrams never raise: they are counted in L{ICPProtocol.counters}
+and logged at a bounded rate.  A QUERY whose URL framing is broken (no NUL
+terminator, trailing bytes) is answered with ICP_OP_ERR and an empty URL, as
+Squid does; everything else that cannot be decoded is dropped (RFC 2186 gives
+no way to answer a datagram whose header cannot be trusted).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from icpmesh import icp
+
+log = Logger()
+
+Address = tuple[str, int]
+
+
+class IResponder(Protocol):
+    """
+    What L{ICPProtocol} needs from a responder (see L{icpmesh.server}).
+    """
+
+    def handleQuery(self, message: icp.Message, address: Address) -> Optional[bytes]:
+        ...
+
+
+class RateLimitedLog:
+    """
+    Log at most C{burst} messages per C{interval} seconds for each key, then
+    one summary of how many were suppressed.
+
+    @ivar suppressed: messages dropped, by key, in the current window.
+    """
+
+    def __init__(
+        self, reactor: Any, interval: float = 60.0, burst: int = 5, logger: Logger = log
+    ) -> None:
+        self._reactor = reactor
+        self.interval = interval
+        self.burst = burst
+        self._log = logger
+        self._windows: dict[str, list[float]] = {}
+        self.suppressed: Counter[str] = Counter()
+
+    def warn(self, key: str, format: str, **kw: Any) -> bool:
+        """
+        Log C{format} at warn level unless C{key} is over its budget.
+
+        @return: whether it was logged.
+        """
+        now = self._reactor.seconds()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval:
+            if window is not None and self.suppressed[key]:
+                self._log.warn(
+                    "{count} more similar messages ({key}) were suppressed",
+                    count=self.suppressed[key],
+                    key=key,
+                )
+            self.suppressed[key] = 0
+            window = self._windows[key] = [now, 0]
+        if window[1] >= self.burst:
+            self.suppressed[key] += 1
+            return False
+        window[1] += 1
+        self._log.warn(format, **kw)
+        return True
+
+
+class PendingQuery:
+    """
+    One query round in flight: the same request number sent to several
+    neighbours.
+
+    @ivar reqnum: the request number.
+    @ivar url: the URL asked about.
+    @ivar options: the option flags the query carried.
+    @ivar sentAt: reactor time the queries were sent.
+    @ivar acceptFrom: addresses whose replies count, mapped to a caller's tag
+        (typically the neighbour object).
+    @ivar expected: how many replies complete the round.
+    @ivar replies: C{(tag, message, rtt)} in arrival order.
+    @ivar timedOut: whether the round ended by timeout.
+    @ivar done: the Deferred that fires with this object when the round ends.
+    """
+
+    __slots__ = (
+        "reqnum",
+        "url",
+        "options",
+        "sentAt",
+        "acceptFrom",
+        "expected",
+        "replies",
+        "replied",
+        "timedOut",
+        "done",
+        "timeoutCall",
+        "isComplete",
+        "onReply",
+    )
+
+    def __init__(
+        self,
+        reqnum: int,
+        url: str,
+        options: int,
+        sentAt: float,
+        acceptFrom: dict[Address, Any],
+        expected: int,
+        isComplete: Optional[Callable[["PendingQuery", icp.Message], bool]],
+        onReply: Optional[Callable[[Any, icp.Message, float], None]],
+    ) -> None:
+        self.reqnum = reqnum
+        self.url = url
+        self.options = options
+        self.sentAt = sentAt
+        self.acceptFrom = acceptFrom
+        self.expected = expected
+        self.replies: list[tuple[Any, icp.Message, float]] = []
+        self.replied: set[Address] = set()
+        self.timedOut = False
+        self.done: Deferred[PendingQuery] = Deferred()
+        self.timeoutCall: Any = None
+        self.isComplete = isComplete
+        self.onReply = onReply
+
+
+class ICPProtocol(DatagramProtocol):
+    """
+    The node's ICP socket.
+
+    @ivar responder: answers queries; C{None} for a node that only asks.
+    @ivar counters: event counts by name (C{received}, C{queries},
+        C{replies}, C{sent}, C{malformed}, C{malformed.<reason>},
+        C{ignoredReplies}, C{sendErrors}, ...).
+    """
+
+    def __init__(self, responder: Optional[IResponder] = None, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.responder = responder
+        self.counters: Counter[str] = Counter()
+        self.rateLog = RateLimitedLog(reactor)
+        self._pending: dict[int, PendingQuery] = {}
+        self._nextReqnum = 1
+
+    # -- receiving ---------------------------------------------------------
+
+    def datagramReceived(self, data: bytes, address: Any) -> None:  # type: ignore[override]
+        """
+        Decode one datagram and dispatch it.  Never raises.
+        """
+        counters = self.counters
+        counters["received"] += 1
+        address = (address[0], address[1])
+        try:
+            message = icp.decode(data)
+        except icp.DecodeError as e:
+            self._malformed(e, data, address)
+            return
+        except Exception:  # pragma: no cover - the codec promises DecodeError only
+            counters["malformed"] += 1
+            log.failure("ICP codec failed on a datagram from {address}", address=address)
+            return
+        try:
+            if message.opcode == icp.Opcode.QUERY:
+                counters["queries"] += 1
+                responder = self.responder
+                if responder is None:
+                    counters["ignoredQueries"] += 1
+                    return
+                reply = responder.handleQuery(message, address)
+                if reply is not None:
+                    self._send(reply, address)
+            else:
+                self._replyReceived(message, address)
+        except Exception:
+            # Policy bugs must not take the socket down with them.
+            counters["internalErrors"] += 1
+            log.failure("error handling ICP message from {address}", address=address)
+
+    def _malformed(self, error: icp.DecodeError, data: bytes, address: Address) -> None:
+        counters = self.counters
+        counters["malformed"] += 1
+        counters["malformed." + error.reason] += 1
+        self.rateLog.warn(
+            "malformed." + error.reason,
+            "Dropped malformed ICP datagram from {address} ({reason}, {size} bytes)",
+            address=address,
+            reason=error.reason,
+            size=len(data),
+        )
+        header = error.header
+        if (
+            error.reason == icp.REASON_URL
+            and header is not None
+            and header.opcode == icp.Opcode.QUERY
+            and self.responder is not None
+        ):
+            # RFC 2187 5.2.1: an unparseable URL gets ICP_OP_ERR.  The URL
+            # cannot be echoed (its framing is what is broken), so, like
+            # Squid, echo an empty one.
+            self._send(icp.encodeReply(icp.Opcode.ERR, header.reqnum, b""), address)
+            counters["errSent"] += 1
+
+    def _replyReceived(self, message: icp.Message, address: Address) -> None:
+        counters = self.counters
+        counters["replies"] += 1
+        opcode = message.opcode
+        if opcode in (icp.Opcode.INVALID, icp.Opcode.ERR, icp.Opcode.SECHO):
+            # RFC 2187 5.3.8 (ERR) and Squid: ignored, never reach selection.
+            counters["ignoredReplies." + icp.Opcode(opcode).name] += 1
+            return
+        pending = self._pending.get(message.reqnum)
+        if pending is None:
+            counters["lateOrUnknownReplies"] += 1
+            return
+        tag = pending.acceptFrom.get(address)
+        if tag is None and address not in pending.acceptFrom:
+            counters["repliesFromStrangers"] += 1
+            self.rateLog.warn(
+                "stranger",
+                "Ignored ICP reply from {address}, which is not a neighbour asked",
+                address=address,
+            )
+            return
+        if message.url != pending.url:
+            counters["repliesWrongURL"] += 1
+            return
+        if message.options & ~pending.options:
+            # A reply may only carry options the query asked for.
+            counters["repliesBadOptions"] += 1
+            return
+        if address in pending.replied:
+            counters["duplicateReplies"] += 1
+            return
+        pending.replied.add(address)
+        rtt = self._reactor.seconds() - pending.sentAt
+        if pending.onReply is not None:
+            pending.onReply(tag, message, rtt)
+        if pending.done.called:
+            # The round is over, but a late reply still tells us the
+            # neighbour is alive and how far away it is.
+            counters["lateReplies"] += 1
+            return
+        pending.replies.append((tag, message, rtt))
+        if len(pending.replies) >= pending.expected or (
+            pending.isComplete is not None and pending.isComplete(pending, message)
+        ):
+            self._complete(pending, timedOut=False)
+
+    # -- sending -----------------------------------------------------------
+
+    def _send(self, data: bytes, address: Address) -> bool:
+        try:
+            self.transport.write(data, address)
+        except OSError as e:
+            # UDP send errors (ECONNREFUSED from an earlier ICMP, ENOBUFS)
+            # must not escape.
+            self.counters["sendErrors"] += 1
+            self.rateLog.warn(
+                "send", "ICP send to {address} failed: {error}", address=address, error=e
+            )
+            return False
+        self.counters["sent"] += 1
+        return True
+
+    def allocateReqnum(self) -> int:
+        """
+        The next request number: 1 upwards, wrapping before 2**31, never 0
+        (a reply with request number 0 makes Squid turn off private keys
+        for good) and never one still in flight.
+        """
+        reqnum = self._nextReqnum
+        while reqnum in self._pending:
+            reqnum = reqnum + 1 if reqnum < 0x7FFFFFFF else 1
+        self._nextReqnum = reqnum + 1 if reqnum < 0x7FFFFFFF else 1
+        return reqnum
+
+    def sendQuery(
+        self,
+        url: str,
+        sendTo: Sequence[Address],
+        acceptFrom: dict[Address, Any],
+        timeout: float,
+        expected: Optional[int] = None,
+        options: int = 0,
+        isComplete: Optional[Callable[[PendingQuery, icp.Message], bool]] = None,
+        onReply: Optional[Callable[[Any, icp.Message, float], None]] = None,
+    ) -> Deferred[PendingQuery]:
+        """
+        Send one query round and collect its replies.
+
+        @param url: the URL to ask about.
+        @param sendTo: where to send the QUERY (neighbours' ICP addresses, or
+            a multicast group).
+        @param acceptFrom: the only addresses whose replies count, each with a
+            tag returned alongside its reply.
+        @param timeout: seconds to wait at most.
+        @param expected: replies that complete the round (default: the size
+            of C{acceptFrom}).
+        @param options: option flags for the query (C{icp.FLAG_SRC_RTT}).
+        @param isComplete: called after each accepted reply; returning true
+            ends the round at once (e.g. on a HIT).
+        @param onReply: called with C{(tag, message, rtt)} for each accepted
+            reply.
+        @return: fires with the L{PendingQuery} when the round ends; never
+            fails.
+        """
+        reqnum = self.allocateReqnum()
+        data = icp.encode(icp.query(reqnum, url, options=options))
+        pending = PendingQuery(
+            reqnum,
+            url,
+            options,
+            self._reactor.seconds(),
+            dict(acceptFrom),
+            len(acceptFrom) if expected is None else expected,
+            isComplete,
+            onReply,
+        )
+        self._pending[reqnum] = pending
+        for address in sendTo:
+            if self._send(data, address):
+                self.counters["queriesSent"] += 1
+        # The entry stays until the timeout even when the round completes
+        # earlier, so that late replies still count for liveness and RTT.
+        pending.timeoutCall = self._reactor.callLater(timeout, self._expire, pending)
+        if pending.expected <= 0:
+            self._complete(pending, timedOut=False)
+        return pending.done
+
+    def _complete(self, pending: PendingQuery, timedOut: bool) -> None:
+        if not pending.done.called:
+            pending.timedOut = timedOut
+            pending.done.callback(pending)
+
+    def _expire(self, pending: PendingQuery) -> None:
+        if self._pending.get(pending.reqnum) is pending:
+            del self._pending[pending.reqnum]
+        self._complete(pending, timedOut=True)
+
+    def stopProtocol(self) -> None:
+        """
+        End every round in flight as timed out, so nobody waits forever.
+        """
+        for pending in list(self._pending.values()):
+            call = pending.timeoutCall
+            if call is not None and call.active():
+                call.cancel()
+            self._expire(pending)

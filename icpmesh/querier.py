@@ -1,0 +1,261 @@
+# -*- test-case-name: tests.test_querier -*-
+"""
+The ICP querier: asking neighbours (RFC 2187 section 5.1).
+
+L{ICPClient} decides which of the neighbours it is given to ask and how long
+to wait, sends one query round through L{icpmesh.protocol.ICPProtocol} (it has
+no socket of its own), keeps each neighbour's liveness and round-trip time,
+and returns a L{QueryRound} for a peer selector to rank.
+
+L{Mesh} bundles the neighbours with the client: it is what the proxy and the
+selectors are handed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import attr
+from zope.interface import implementer
+
+from icpmesh import icp
+from icpmesh.interfaces import IICPClient
+from icpmesh.neighbours import Neighbour
+from icpmesh.protocol import ICPProtocol, PendingQuery
+
+_OPCODE_NAMES = {int(o): o.name for o in icp.Opcode}
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Reply:
+    """
+    One neighbour's answer in a round.
+
+    @ivar neighbour: who answered.
+    @ivar opcode: the reply opcode.
+    @ivar rtt: seconds from query to reply.
+    @ivar srcRtt: C{(rttMs, hops)} from SRC_RTT, when the reply carried it.
+    """
+
+    neighbour: Neighbour
+    opcode: int
+    rtt: float
+    srcRtt: Optional[tuple[int, int]] = None
+
+    @property
+    def name(self) -> str:
+        return _OPCODE_NAMES.get(self.opcode, str(self.opcode))
+
+
+@attr.s(slots=True, auto_attribs=True)
+class QueryRound:
+    """
+    The outcome of one query round.
+
+    @ivar url: what was asked.
+    @ivar queried: neighbours a query was sent to.
+    @ivar expected: how many replies were waited for.
+    @ivar replies: L{Reply}s in arrival order.
+    @ivar timedOut: whether the wait ended by timeout.
+    @ivar timeout: the timeout used, in seconds.
+    """
+
+    url: str
+    queried: list[Neighbour]
+    expected: int
+    replies: list[Reply]
+    timedOut: bool
+    timeout: float
+
+    @property
+    def hit(self) -> Optional[Reply]:
+        """
+        The first HIT, if any.
+        """
+        for reply in self.replies:
+            if reply.opcode == icp.Opcode.HIT:
+                return reply
+        return None
+
+
+@implementer(IICPClient)
+class ICPClient:
+    """
+    Sends query rounds to neighbours.
+
+    @ivar timeout: fixed timeout in seconds, or C{None} for dynamic: twice
+        the average RTT of the parents expected to answer (else of the
+        siblings), clamped to [C{minTimeout}, C{maxTimeout}] - Squid's rule,
+        but with a floor of 50 ms rather than Squid's 5 ms, which times out
+        neighbours on a busy LAN (and every new one, whose RTT is still 0).
+    @ivar deadTimeout: seconds without a reply after which a neighbour is down.
+    @ivar srcRtt: ask for SRC_RTT in queries (C{query_icmp}).
+    """
+
+    def __init__(
+        self,
+        protocol: ICPProtocol,
+        reactor: Any = None,
+        timeout: Optional[float] = 2.0,
+        minTimeout: float = 0.05,
+        maxTimeout: float = 2.0,
+        deadTimeout: float = 10.0,
+        srcRtt: bool = False,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.protocol = protocol
+        self.timeout = timeout
+        self.minTimeout = minTimeout
+        self.maxTimeout = maxTimeout
+        self.deadTimeout = deadTimeout
+        self.srcRtt = srcRtt
+
+    def wouldQuery(self, neighbour: Neighbour) -> bool:
+        """
+        Whether a query goes to C{neighbour} at all (Squid's
+        C{peerWouldBePinged}): not no-query, not ICP port 0, not a
+        multicast responder, not disabled.
+        """
+        return not (
+            neighbour.noQuery
+            or neighbour.icpPort == 0
+            or neighbour.multicastResponder
+            or neighbour.disabled
+        )
+
+    def computeTimeout(self, expected: Sequence[Neighbour]) -> float:
+        """
+        The wait for a round expecting replies from C{expected}.
+        """
+        if self.timeout is not None:
+            return self.timeout
+        parents = [n.rtt for n in expected if n.type == "parent" and n.rtt]
+        others = [n.rtt for n in expected if n.type != "parent" and n.rtt]
+        samples = parents or others
+        if not samples:
+            return self.maxTimeout
+        value = 2 * sum(samples) / len(samples)
+        return min(self.maxTimeout, max(self.minTimeout, value))
+
+    def query(
+        self,
+        url: str,
+        neighbours: Sequence[Neighbour],
+        timeout: Optional[float] = None,
+        stopOnHit: bool = True,
+    ) -> Any:
+        """
+        Ask C{neighbours} about C{url}; see L{IICPClient.query}.
+
+        Down neighbours are still sent a query once per C{deadTimeout} so
+        they can come back, but are not waited for.  Multicast groups get
+        one query; their members' replies are accepted (members are the
+        C{multicast-responder} neighbours) and their expected count is the
+        group's moving average.
+        """
+        sendTo = []
+        acceptFrom: dict[tuple[str, int], Neighbour] = {}
+        queried = []
+        expectedFrom = []
+        expected = 0
+        now = self._reactor.seconds()
+        for n in neighbours:
+            if not self.wouldQuery(n):
+                continue
+            up = n.isUp(self.deadTimeout)
+            if not up and now - n.lastQuery <= self.deadTimeout:
+                continue
+            sendTo.append(n.icpAddress)
+            queried.append(n)
+            n.noteQuerySent()
+            if n.type == "multicast":
+                expected += int(n.expectedReplies)
+                if up:
+                    expectedFrom.append(n)
+                continue
+            acceptFrom[n.icpAddress] = n
+            if up:
+                expected += 1
+                expectedFrom.append(n)
+        for n in neighbours:
+            if n.multicastResponder:
+                acceptFrom.setdefault(n.icpAddress, n)
+        wait = timeout if timeout is not None else self.computeTimeout(expectedFrom)
+        if not sendTo:
+            return _succeed(QueryRound(url, [], 0, [], False, wait))
+
+        def onReply(n: Neighbour, message: icp.Message, rtt: float) -> None:
+            n.noteReply(_OPCODE_NAMES.get(message.opcode, "?"), rtt)
+
+        def isComplete(pending: PendingQuery, message: icp.Message) -> bool:
+            return stopOnHit and message.opcode == icp.Opcode.HIT
+
+        d = self.protocol.sendQuery(
+            url,
+            sendTo,
+            acceptFrom,
+            wait,
+            expected=expected,
+            options=icp.FLAG_SRC_RTT if self.srcRtt else 0,
+            isComplete=isComplete,
+            onReply=onReply,
+        )
+
+        def done(pending: PendingQuery) -> QueryRound:
+            replies = []
+            for n, message, rtt in pending.replies:
+                srcRtt = None
+                if message.options & icp.FLAG_SRC_RTT:
+                    srcRtt = icp.parseSrcRtt(message.optionData)
+                replies.append(Reply(n, message.opcode, rtt, srcRtt))
+            return QueryRound(url, queried, expected, replies, pending.timedOut, wait)
+
+        return d.addCallback(done)
+
+
+def _succeed(value: Any) -> Any:
+    from twisted.internet.defer import succeed
+
+    return succeed(value)
+
+
+class Mesh:
+    """
+    The neighbours and the ICP client, as handed to the proxy and the peer
+    selector.
+
+    @ivar neighbours: every configured L{Neighbour}.
+    @ivar icp: the L{ICPClient} (or any L{IICPClient}).
+    @ivar failureRatio: told about every fetch, so that a run of failures
+        puts the ICP responder in hit-only mode; may be C{None}.
+    """
+
+    def __init__(
+        self, neighbours: Sequence[Neighbour], icp: Any, failureRatio: Any = None
+    ) -> None:
+        self.neighbours = list(neighbours)
+        self.icp = icp
+        self.failureRatio = failureRatio
+
+    def noteFetchFailed(self, neighbour: Optional[Neighbour]) -> None:
+        """
+        A fetch from C{neighbour} (C{None}: the origin) failed to connect
+        or broke.
+        """
+        if neighbour is not None:
+            neighbour.noteFetchFailed()
+        if self.failureRatio is not None:
+            self.failureRatio.noteFetch(False)
+
+    def noteFetchSucceeded(self, neighbour: Optional[Neighbour]) -> None:
+        """
+        A fetch from C{neighbour} (C{None}: the origin) succeeded.
+        """
+        if neighbour is not None:
+            neighbour.noteFetchSucceeded()
+        if self.failureRatio is not None:
+            self.failureRatio.noteFetch(True)

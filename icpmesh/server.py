@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_server -*-
+"""
+The ICP responder: how this node answers its neighbours' queries.
+
+L{ICPResponder} is policy only: it has no socket.  L{icpmesh.protocol.ICPProtocol}
+hands it each decoded QUERY and sends back the bytes it returns.  The answer
+follows RFC 2187 section 5.2, in Squid's order:
+
+  1. B{ERR} for a URL that is not an absolute URL we could fetch (whitespace
+     or control characters, no scheme or host, 8192 bytes or longer); the
+     URL is echoed %-escaped (5.2.1);
+  2. B{DENIED} when access control refuses the querier (5.2.2) - except
+     that a querier with more than 95% of more than 100 replies denied gets
+     no replies at all for C{icp_denied_cutoff_time} (default one hour,
+     Squid's C{CUTOFF_SECONDS}), since it is plainly misconfigured and each
+     DENIED costs both sides;
+  3. B{HIT} when the stored object stays fresh for at least
+     C{icp_hit_min_fresh} more seconds (default 30, 5.2.3 and Squid's
+     C{refreshCheckICP}), or whenever one is stored with C{icp_hit_stale on};
+  4. B{MISS_NOFETCH} when we do not want to fetch it (5.2.4): the store is
+     still loading its index and has not seen this URL yet, or the node is in
+     hit-only mode (configured, or entered for five minutes after a run of
+     failed origin fetches, like Squid's C{checkFailureRatio});
+  5. B{MISS} otherwise.
+
+The reply echoes the request number and URL, is always version 2 (a version 3
+query is answered too, as Squid does, but nothing else of ICPv3 is honoured),
+and carries no option flags: we decline HIT_OBJ (allowed by 5.2.3.1, and what
+Squid does) and have no round-trip measurement to put in SRC_RTT (allowed by
+RFC 2186: the flag is set only when the data is known).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Optional
+from urllib.parse import quote
+
+from twisted.logger import Logger
+
+from icpmesh import icp
+from icpmesh.caching import cacheKey
+from icpmesh.interfaces import IAccessControl, IObjectStore
+
+log = Logger()
+
+#: Squid's MAX_URL: URLs this long or longer are answered with ERR.
+MAX_URL = 8192
+#: Cap on the per-client state kept for the DENIED cutoff.
+MAX_TRACKED_CLIENTS = 65536
+
+_HIT = int(icp.Opcode.HIT)
+_MISS = int(icp.Opcode.MISS)
+_ERR = int(icp.Opcode.ERR)
+_DENIED = int(icp.Opcode.DENIED)
+_NOFETCH = int(icp.Opcode.MISS_NOFETCH)
+
+_LOG_CODES = {
+    _HIT: "UDP_HIT",
+    _MISS: "UDP_MISS",
+    _ERR: "UDP_INVALID",
+    _DENIED: "UDP_DENIED",
+    _NOFETCH: "UDP_MISS_NOFETCH",
+}
+
+
+def urlProblem(url: str) -> Optional[str]:
+    """
+    Why C{url} is not an absolute URL an ICP responder can answer about, or
+    C{None} if it is one.
+    """
+    if not url:
+        return "empty URL"
+    if len(url) >= MAX_URL:
+        return "URL too long"
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return "URL contains whitespace or control characters"
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.isalpha() and not scheme.replace("+", "").replace(
+        "-", ""
+    ).replace(".", "").isalnum():
+        return "not an absolute URL"
+    authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+    if not host or host == "[]":
+        return "URL has no host"
+    return None
+
+
+class FailureRatio:
+    """
+    Decides when the node enters hit-only mode after origin fetch failures:
+    when, over recent fetches (the counts halve every C{halfLife} seconds),
+    there were at least C{minFailures} failures and failures outnumber
+    successes ten to one, the node stops accepting misses from neighbours
+    for C{holdTime} seconds.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        minFailures: int = 20,
+        halfLife: float = 60.0,
+        holdTime: float = 300.0,
+    ) -> None:
+        self._reactor = reactor
+        self.minFailures = minFailures
+        self.halfLife = halfLife
+        self.holdTime = holdTime
+        self._good = 0.0
+        self._bad = 0.0
+        self._stamp = reactor.seconds()
+        self.hitOnlyUntil = 0.0
+
+    def _decay(self) -> None:
+        now = self._reactor.seconds()
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            factor = 0.5 ** (elapsed / self.halfLife)
+            self._good *= factor
+            self._bad *= factor
+            self._stamp = now
+
+    def noteFetch(self, ok: bool) -> None:
+        """
+        Record the outcome of one fetch from an origin or neighbour.
+        """
+        self._decay()
+        if ok:
+            self._good += 1
+            return
+        self._bad += 1
+        if self._bad >= self.minFailures and self._bad >= 10 * self._good:
+            if not self.active():
+                log.warn(
+                    "ICP going into hit-only mode for {hold:.0f} seconds "
+                    "after {bad:.0f} recent fetch failures",
+                    hold=self.holdTime,
+                    bad=self._bad,
+                )
+            self.hitOnlyUntil = self._reactor.seconds() + self.holdTime
+            self._good = self._bad = 0.0
+
+    def active(self) -> bool:
+        """
+        Whether hit-only mode is on now.
+        """
+        return self._reactor.seconds() < self.hitOnlyUntil
+
+
+class ICPResponder:
+    """
+    Answers ICP queries (RFC 2187 section 5.2).
+
+    @ivar counters: replies sent by opcode name, plus C{cutoffDropped}.
+    @ivar hitOnly: set to force MISS_NOFETCH for everything not a HIT.
+    """
+
+    def __init__(
+        self,
+        store: IObjectStore,
+        access: IAccessControl,
+        reactor: Any = None,
+        minFresh: float = 30.0,
+        hitStale: bool = False,
+        hitOnly: bool = False,
+        cutoffTime: float = 3600.0,
+        failureRatio: Optional[FailureRatio] = None,
+        logQuery: Optional[Callable[[str, str, int, str], None]] = None,
+    ) -> None:
+        """
+        @param store: where HITs are looked up (L{IObjectStore.freshUntil}).
+        @param access: who may ask (L{IAccessControl.allowICP}).
+        @param minFresh: seconds an object must stay fresh to be a HIT.
+        @param hitStale: answer HIT for stale objects too.
+        @param hitOnly: answer MISS_NOFETCH instead of MISS, always.
+        @param cutoffTime: seconds of silence for a querier denied too often.
+        @param failureRatio: enters hit-only mode after fetch failures.
+        @param logQuery: called as C{(client, code, size, url)} for every
+            reply sent (Squid's C{log_icp_queries}).
+        """
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._freshUntil = store.freshUntil
+        self._store = store
+        self._allowICP = access.allowICP
+        self.minFresh = minFresh
+        self.hitStale = hitStale
+        self.hitOnly = hitOnly
+        self.cutoffTime = cutoffTime
+        self.failureRatio = failureRatio
+        self._logQuery = logQuery
+        self.counters: Counter[str] = Counter()
+        # client address -> [replies, denied, cutoffUntil]
+        self._clients: dict[str, list[float]] = {}
+
+    def handleQuery(self, message: icp.Message, address: tuple[str, int]) -> Optional[bytes]:
+        """
+        Decide the reply to one query.
+
+        @return: the encoded reply, or C{None} to send nothing.
+        """
+        url = message.url
+        client = address[0]
+        problem = urlProblem(url)
+        if problem is not None:
+            escaped = quote(url, safe="!#$&'()*+,-./:;=?@[]_~%").encode("latin-1")
+            return self._reply(_ERR, message, escaped, client, url)
+
+        state = self._clients.get(client)
+        if state is None:
+            clients = self._clients
+            if len(clients) >= MAX_TRACKED_CLIENTS:
+                # Forget the oldest; a spoofing flood cannot grow this.
+                del clients[next(iter(clients))]
+            state = clients[client] = [0, 0, 0.0]
+        if state[2]:
+            if self._reactor.seconds() < state[2]:
+                self.counters["cutoffDropped"] += 1
+                return None
+            state[0] = state[1] = 0
+            state[2] = 0.0
+
+        if not self._allowICP(client, url):
+            state[0] += 1
+            state[1] += 1
+            if state[0] > 100 and state[1] * 100 > 95 * state[0]:
+                state[2] = self._reactor.seconds() + self.cutoffTime
+                log.warn(
+                    "Probable misconfigured neighbour at {client}: {denied:.0f} of "
+                    "the last {replies:.0f} ICP replies were DENIED; no replies "
+                    "will be sent to it for the next {cutoff:.0f} seconds",
+                    client=client,
+                    denied=state[1],
+                    replies=state[0],
+                    cutoff=self.cutoffTime,
+                )
+            return self._reply(_DENIED, message, None, client, url)
+        state[0] += 1
+
+        fresh = self._freshUntil(cacheKey(url))
+        if fresh is not None and (
+            self.hitStale or fresh - self._reactor.seconds() >= self.minFresh
+        ):
+            opcode = _HIT
+        elif (
+            self.hitOnly
+            or (fresh is None and self._store.loading)
+            or (self.failureRatio is not None and self.failureRatio.active())
+        ):
+            opcode = _NOFETCH
+        else:
+            opcode = _MISS
+        return self._reply(opcode, message, None, client, url)
+
+    def _reply(
+        self,
+        opcode: int,
+        message: icp.Message,
+        urlBytes: Optional[bytes],
+        client: str,
+        url: str,
+    ) -> bytes:
+        if urlBytes is None:
+            urlBytes = url.encode("latin-1")
+        data = icp.encodeReply(opcode, message.reqnum, urlBytes)
+        self.counters[_LOG_CODES[opcode]] += 1
+        if self._logQuery is not None:
+            self._logQuery(client, _LOG_CODES[opcode], len(data), url)
+        return data

@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+Wiring a node together.
+
+L{makeMeshService} turns a config into an C{IService}: the ICP socket
+(L{icpmesh.protocol.ICPProtocol} with its L{icpmesh.server.ICPResponder}),
+the HTTP proxy (L{icpmesh.proxy.CachingProxyResource} in a C{Site}), the
+neighbours and their L{icpmesh.querier.ICPClient}, and the store, access
+control and peer selector plugins.  C{twistd icpmesh} calls it through
+L{icpmesh.tap}; code that embeds a node in its own Twisted application calls it
+directly::
+
+    from twisted.application import service
+    from icpmesh.config import loadConfig
+    from icpmesh.service import makeMeshService
+
+    application = service.Application("mesh")
+    makeMeshService(loadConfig("/etc/icpmesh/icpmesh.conf")).setServiceParent(application)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Optional, Union
+
+from twisted.application import internet, service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from icpmesh import __version__
+from icpmesh.config import MeshConfig, loadConfig
+from icpmesh.neighbours import Neighbour
+from icpmesh.plugins import Components, resolvePlugins
+from icpmesh.protocol import ICPProtocol
+from icpmesh.querier import ICPClient, Mesh
+from icpmesh.server import FailureRatio, ICPResponder
+
+log = Logger()
+
+
+class ProxySite(Site):
+    """
+    The proxy's C{Site}.  Requests are logged by the proxy in Squid's
+    format, so C{twisted.web}'s own per-request log line (written to the
+    twistd log, on the hit path) is switched off.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def _isIPv6(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).version == 6
+    except ValueError:
+        return False
+
+
+class MeshService(service.MultiService):
+    """
+    A running (or runnable) node.
+
+    @ivar config: the L{MeshConfig}.
+    @ivar components: the plugin components (store, access, selector).
+    @ivar protocol: the L{ICPProtocol} (C{None} when ICP is off).
+    @ivar responder: the L{ICPResponder}.
+    @ivar mesh: the L{Mesh} of neighbours and the ICP client.
+    @ivar proxy: the proxy resource.
+    @ivar site: the HTTP C{Site}.
+    @ivar accessLog: the access log, or C{None}.
+    """
+
+    config: MeshConfig
+    components: Components
+    protocol: Optional[ICPProtocol]
+    responder: ICPResponder
+    mesh: Mesh
+    proxy: Any
+    site: Optional[Site]
+    accessLog: Any
+    _udpService: Optional[internet.UDPServer] = None
+    _httpService: Optional[internet.StreamServerEndpointService] = None
+
+    def icpPort(self) -> Optional[int]:
+        """
+        The bound ICP port number, once started.
+        """
+        port = getattr(self._udpService, "_port", None)
+        return None if port is None else port.getHost().port
+
+    def httpPort(self) -> Deferred[Optional[int]]:
+        """
+        Fires with the bound HTTP port number, once listening.
+        """
+        svc = self._httpService
+        if svc is None or svc._waitingForPort is None:
+            return succeed(None)
+        return _portNumber(svc)
+
+    def stopService(self) -> Deferred[Any]:
+        d = service.MultiService.stopService(self)
+        return d if isinstance(d, Deferred) else succeed(None)
+
+
+def _portNumber(svc: internet.StreamServerEndpointService) -> Deferred[Optional[int]]:
+    result: Deferred[Optional[int]] = Deferred()
+
+    def got(port: Any) -> Any:
+        result.callback(port.getHost().port)
+        return port
+
+    def failed(f: Any) -> Any:
+        result.errback(f)
+        return f
+
+    assert svc._waitingForPort is not None
+    svc._waitingForPort.addCallbacks(got, failed)
+    return result
+
+
+def makeMeshService(
+    config: Union[MeshConfig, str, None] = None, reactor: Any = None
+) -> MeshService:
+    """
+    Build a node from C{config} (a L{MeshConfig}, a config file path, or
+    C{None} for the embedded defaults).
+
+    Nothing listens until the service is started.  Every part uses
+    C{reactor} (the global reactor by default), so tests can pass a
+    C{MemoryReactorClock} or a fake UDP reactor.
+
+    @raise icpmesh.config.ConfigError: the config (or a plugin's part of it)
+        is wrong; the message names file and line.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    if not isinstance(config, MeshConfig):
+        config = loadConfig(config)
+    from icpmesh.proxy import CachingProxyResource
+
+    components = resolvePlugins(config, reactor=reactor, build=True)
+    top = MeshService()
+    top.setName("icpmesh")
+    top.config = config
+    top.components = components
+    store = components.store
+    if service.IService.providedBy(store):
+        store.setServiceParent(top)
+
+    accessLog = None
+    path = config.setting("access_log", "none")
+    if path != "none":
+        from icpmesh.accesslog import AccessLog
+
+        accessLog = AccessLog(path, reactor=reactor)
+        if service.IService.providedBy(accessLog):
+            accessLog.setServiceParent(top)
+    top.accessLog = accessLog
+
+    logQuery = None
+    if accessLog is not None and config.setting("log_icp_queries", True):
+        logQuery = accessLog.logICP
+
+    failureRatio = FailureRatio(reactor)
+    top.responder = ICPResponder(
+        components.store,
+        components.access,
+        reactor=reactor,
+        minFresh=config.setting("icp_hit_min_fresh", 30.0),
+        hitStale=config.setting("icp_hit_stale", False),
+        hitOnly=config.setting("hit_only_mode", False),
+        cutoffTime=config.setting("icp_denied_cutoff_time", 3600.0),
+        failureRatio=failureRatio,
+        logQuery=logQuery,
+    )
+    protocol = ICPProtocol(top.responder, reactor=reactor)
+    top.protocol = protocol if config.icpPort is not None else None
+    icpClient = ICPClient(
+        protocol,
+        reactor=reactor,
+        timeout=config.setting("icp_query_timeout", 2.0),
+        minTimeout=config.setting("minimum_icp_query_timeout", 0.05),
+        maxTimeout=config.setting("maximum_icp_query_timeout", 2.0),
+        deadTimeout=config.setting("dead_peer_timeout", 10.0),
+        srcRtt=config.setting("query_icmp", False),
+    )
+    neighbours = [Neighbour(n, reactor=reactor) for n in config.neighbours]
+    top.mesh = Mesh(neighbours, icpClient, failureRatio=failureRatio)
+
+    if config.icpPort is not None:
+        udp = internet.UDPServer(
+            config.icpPort,
+            protocol,
+            interface=config.icpAddress,
+            reactor=reactor,
+        )
+        udp.setName("icp")
+        udp.setServiceParent(top)
+        top._udpService = udp
+
+    top.proxy = CachingProxyResource(
+        components.store,
+        components.access,
+        components.selector,
+        top.mesh,
+        visibleHostname=config.visibleHostname,
+        reactor=reactor,
+        accessLog=accessLog,
+    )
+    top.site = None
+    if config.httpPort is not None:
+        site = ProxySite(top.proxy, reactor=reactor)
+        site.displayTracebacks = False
+        top.site = site
+        address = config.httpAddress
+        if _isIPv6(address):
+            endpoint: Any = TCP6ServerEndpoint(reactor, config.httpPort, interface=address)
+        else:
+            endpoint = TCP4ServerEndpoint(reactor, config.httpPort, interface=address)
+        http = internet.StreamServerEndpointService(endpoint, site)
+        http._raiseSynchronously = True
+        http.setName("http")
+        http.setServiceParent(top)
+        top._httpService = http
+    log.info(
+        "icpmesh {version}: HTTP {http}, ICP {icp}, store={store}, "
+        "access={access}, selector={selector}, {n} neighbour(s)",
+        version=__version__,
+        http=_where(config.httpAddress, config.httpPort),
+        icp=_where(config.icpAddress, config.icpPort),
+        store=config.plugins["store"].name,
+        access=config.plugins["access"].name,
+        selector=config.plugins["selector"].name,
+        n=len(neighbours),
+    )
+    return top
+
+
+def _where(address: str, port: Optional[int]) -> str:
+    if port is None:
+        return "off"
+    return f"{address or '*'}:{port}"
+

@@ -1,0 +1,225 @@
+"""
+Tests for L{icpmesh.server}: the ICP responder's decisions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from icpmesh import icp
+from icpmesh.caching import cacheKey
+from icpmesh.server import FailureRatio, ICPResponder, urlProblem
+
+CLIENT = ("10.0.0.2", 3130)
+URL = "http://example.com/page"
+
+
+class FakeStore:
+    loading = False
+
+    def __init__(self) -> None:
+        self.fresh: dict[str, float] = {}
+
+    def freshUntil(self, key: str) -> Optional[float]:
+        return self.fresh.get(key)
+
+
+class FakeAccess:
+    def __init__(self, allowed: set[str] = {"10.0.0.2"}) -> None:
+        self.allowed = allowed
+
+    def allowICP(self, client: str, url: str) -> bool:
+        return client in self.allowed
+
+
+def decoded(data: Optional[bytes]) -> icp.Message:
+    assert data is not None
+    return icp.decode(data)
+
+
+class ResponderTests(SynchronousTestCase):
+    """
+    The RFC 2187 5.2 decision order.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = FakeStore()
+        self.logged: list[tuple[str, str, int, str]] = []
+        self.responder = ICPResponder(
+            self.store, FakeAccess(), reactor=self.clock,
+            logQuery=lambda *a: self.logged.append(a),
+        )
+
+    def ask(self, url: str = URL, client: Any = CLIENT, reqnum: int = 42,
+            options: int = 0, version: int = 2) -> Optional[bytes]:
+        message = icp.Message(opcode=icp.Opcode.QUERY, reqnum=reqnum, url=url,
+                              options=options, version=version)
+        return self.responder.handleQuery(message, client)
+
+    def test_miss(self) -> None:
+        """
+        An unknown URL is a MISS echoing request number and URL, version 2,
+        no flags.
+        """
+        reply = decoded(self.ask())
+        self.assertEqual((reply.opcode, reply.reqnum, reply.url, reply.version, reply.options),
+                         (icp.Opcode.MISS, 42, URL, 2, 0))
+        self.assertEqual(self.logged, [("10.0.0.2", "UDP_MISS", 20 + len(URL) + 1, URL)])
+
+    def test_hitNeedsThirtySeconds(self) -> None:
+        """
+        HIT only when the object stays fresh for 30 more seconds.
+        """
+        self.store.fresh[cacheKey(URL)] = self.clock.seconds() + 31
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.HIT)
+        self.store.fresh[cacheKey(URL)] = self.clock.seconds() + 29
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS)
+
+    def test_hitStale(self) -> None:
+        """
+        With hitStale, any stored object is a HIT.
+        """
+        self.responder.hitStale = True
+        self.store.fresh[cacheKey(URL)] = self.clock.seconds() - 100
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.HIT)
+
+    def test_hitObjDeclinedAndSrcRttUnset(self) -> None:
+        """
+        A query asking for HIT_OBJ and SRC_RTT gets a plain HIT, flags 0.
+        """
+        self.store.fresh[cacheKey(URL)] = self.clock.seconds() + 3600
+        reply = decoded(self.ask(options=icp.FLAG_HIT_OBJ | icp.FLAG_SRC_RTT))
+        self.assertEqual((reply.opcode, reply.options, reply.optionData), (icp.Opcode.HIT, 0, 0))
+
+    def test_v3AnsweredWithV2(self) -> None:
+        """
+        An ICPv3 query is answered with a version 2 message.
+        """
+        self.assertEqual(decoded(self.ask(version=3)).version, 2)
+
+    def test_errForBadURLs(self) -> None:
+        """
+        Unparseable URLs get ERR, with whitespace %-escaped in the echo.
+        """
+        for url, echoed in [
+            ("http://x/a b", "http://x/a%20b"),
+            ("/relative", "/relative"),
+            ("", ""),
+            ("foo", "foo"),
+            ("http://", "http://"),
+            ("http://x/\x01", "http://x/%01"),
+        ]:
+            reply = decoded(self.ask(url))
+            self.assertEqual((reply.opcode, reply.url), (icp.Opcode.ERR, echoed), url)
+        long = "http://x/" + "a" * 8200
+        self.assertEqual(decoded(self.ask(long)).opcode, icp.Opcode.ERR)
+
+    def test_errBeforeDenied(self) -> None:
+        """
+        A bad URL from a client that is not allowed still gets ERR.
+        """
+        self.assertEqual(decoded(self.ask("bad url", client=("8.8.8.8", 1))).opcode, icp.Opcode.ERR)
+
+    def test_denied(self) -> None:
+        """
+        A client refused by access control gets DENIED.
+        """
+        reply = decoded(self.ask(client=("8.8.8.8", 3130)))
+        self.assertEqual((reply.opcode, reply.reqnum), (icp.Opcode.DENIED, 42))
+
+    def test_deniedCutoff(self) -> None:
+        """
+        After more than 100 replies of which more than 95% were DENIED, the
+        client gets silence for the cutoff time, then answers again; other
+        clients are unaffected.
+        """
+        bad = ("8.8.8.8", 3130)
+        answers = [self.ask(client=bad) for _ in range(101)]
+        self.assertTrue(all(a is not None for a in answers))
+        self.assertIsNone(self.ask(client=bad))
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS)
+        self.clock.advance(3599)
+        self.assertIsNone(self.ask(client=bad))
+        self.clock.advance(2)
+        self.assertEqual(decoded(self.ask(client=bad)).opcode, icp.Opcode.DENIED)
+        self.assertEqual(self.responder.counters["cutoffDropped"], 2)
+
+    def test_mostlyAllowedNotCutOff(self) -> None:
+        """
+        A client with only 90% denied keeps getting answers.
+        """
+        access = FakeAccess()
+        self.responder._allowICP = lambda c, u: access.allowICP(c, u)
+        for i in range(300):
+            access.allowed = {"10.0.0.2"} if i % 10 == 0 else set()
+            self.assertIsNotNone(self.ask())
+
+    def test_missNoFetchWhileLoading(self) -> None:
+        """
+        While the store loads, unknown URLs get MISS_NOFETCH; known fresh
+        ones are still HITs.
+        """
+        self.store.loading = True
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS_NOFETCH)
+        self.store.fresh[cacheKey(URL)] = self.clock.seconds() + 3600
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.HIT)
+
+    def test_hitOnlyMode(self) -> None:
+        """
+        In hit-only mode misses become MISS_NOFETCH.
+        """
+        self.responder.hitOnly = True
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS_NOFETCH)
+
+    def test_failureRatio(self) -> None:
+        """
+        A run of failed fetches enters hit-only mode for five minutes.
+        """
+        ratio = FailureRatio(self.clock)
+        self.responder.failureRatio = ratio
+        for _ in range(19):
+            ratio.noteFetch(False)
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS)
+        ratio.noteFetch(False)
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS_NOFETCH)
+        self.clock.advance(301)
+        self.assertEqual(decoded(self.ask()).opcode, icp.Opcode.MISS)
+
+    def test_failuresAmongSuccessesIgnored(self) -> None:
+        """
+        Failures mixed with many successes do not enter hit-only mode.
+        """
+        ratio = FailureRatio(self.clock)
+        for _ in range(100):
+            ratio.noteFetch(True)
+            ratio.noteFetch(False)
+        self.assertFalse(ratio.active())
+
+    def test_clientTableBounded(self) -> None:
+        """
+        The per-client table for the cutoff never grows past its cap.
+        """
+        import icpmesh.server as server
+
+        self.patch(server, "MAX_TRACKED_CLIENTS", 10)
+        for i in range(50):
+            self.ask(client=(f"10.1.0.{i}", 1))
+        self.assertLessEqual(len(self.responder._clients), 10)
+
+
+class URLProblemTests(SynchronousTestCase):
+    """
+    L{urlProblem}.
+    """
+
+    def test_good(self) -> None:
+        """
+        Absolute URLs of any scheme with a host are fine.
+        """
+        for url in ["http://a/", "https://a.b:8443/x?y", "ftp://h/f", "http://[::1]:80/", "http://u@h/"]:
+            self.assertIsNone(urlProblem(url), url)

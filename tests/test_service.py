@@ -1,0 +1,84 @@
+"""
+Tests for L{icpmesh.service.makeMeshService} with fake reactors: the
+embedding path.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService, MultiService
+from twisted.trial.unittest import SynchronousTestCase
+
+from icpmesh import icp
+from icpmesh.config import ConfigError, parseConfig
+from icpmesh.service import makeMeshService
+from icpmesh.testing import FakeUDPReactor
+
+CONFIG = """
+http_port 127.0.0.1:3128
+icp_port 127.0.0.1:3130
+visible_hostname node1
+"""
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    Building, starting and stopping a node on a fake reactor.
+    """
+
+    def test_startStop(self) -> None:
+        """
+        Starting listens on the configured TCP and UDP ports; stopping
+        closes them.
+        """
+        reactor = FakeUDPReactor()
+        svc = makeMeshService(parseConfig(CONFIG, "t"), reactor=reactor)
+        self.assertTrue(IService.providedBy(svc))
+        parent = MultiService()
+        svc.setServiceParent(parent)
+        parent.startService()
+        self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(3128, "127.0.0.1")])
+        self.assertIn(("127.0.0.1", 3130), reactor.ports)
+        self.assertEqual(svc.icpPort(), 3130)
+        self.successResultOf(parent.stopService())
+        self.assertNotIn(("127.0.0.1", 3130), reactor.ports)
+
+    def test_answersICP(self) -> None:
+        """
+        The started node answers an ICP query from a loopback client.
+        """
+        reactor = FakeUDPReactor()
+        svc = makeMeshService(parseConfig(CONFIG, "t"), reactor=reactor)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        from twisted.internet.protocol import DatagramProtocol
+
+        got: list[bytes] = []
+
+        class Client(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: object) -> None:
+                got.append(data)
+
+        port = reactor.listenUDP(0, Client(), interface="127.0.0.5")
+        port.write(icp.encode(icp.query(9, "http://example.com/")), ("127.0.0.1", 3130))
+        reactor.advance(0.01)
+        [reply] = [icp.decode(d) for d in got]
+        self.assertEqual((reply.opcode, reply.reqnum), (icp.Opcode.MISS, 9))
+
+    def test_noICP(self) -> None:
+        """
+        icp_port none: no UDP port.
+        """
+        reactor = FakeUDPReactor()
+        svc = makeMeshService(parseConfig("icp_port none\nhttp_port 127.0.0.1:0\n", "t"), reactor=reactor)
+        svc.startService()
+        self.assertEqual(reactor.ports, {})
+        self.assertIsNone(svc.protocol)
+
+    def test_badConfig(self) -> None:
+        """
+        Errors in a plugin's part of the config surface from
+        makeMeshService as ConfigError with file and line.
+        """
+        e = self.assertRaises(ConfigError, makeMeshService,
+                              parseConfig("store memory colour=blue\n", "f.conf"), FakeUDPReactor())
+        self.assertTrue(str(e).startswith("f.conf:1: "))
