@@ -153,7 +153,18 @@ class ICPProtocol(DatagramProtocol):
         C{ignoredReplies}, C{sendErrors}, ...).
     """
 
-    def __init__(self, responder: Optional[IResponder] = None, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        responder: Optional[IResponder] = None,
+        reactor: Any = None,
+        groups: Sequence[str] = (),
+    ) -> None:
+        """
+        @param responder: answers queries (C{None}: ignore them).
+        @param reactor: supplies time and timeouts.
+        @param groups: multicast groups to join once listening (the port
+            must then come from C{listenMulticast}).
+        """
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -164,6 +175,30 @@ class ICPProtocol(DatagramProtocol):
         self.rateLog = RateLimitedLog(reactor)
         self._pending: dict[int, PendingQuery] = {}
         self._nextReqnum = 1
+        self.groups = tuple(groups)
+        self._ttl: Optional[int] = None
+
+    def startProtocol(self) -> None:
+        for group in self.groups:
+            self.transport.joinGroup(group).addErrback(
+                lambda f, group=group: log.error(
+                    "cannot join multicast group {group}: {error}",
+                    group=group,
+                    error=f.getErrorMessage(),
+                )
+            )
+        if self.groups and hasattr(self.transport, "setLoopbackMode"):
+            # Like Squid: our own multicast queries are not for us.
+            self.transport.setLoopbackMode(False)
+
+    def setMulticastTTL(self, ttl: int) -> None:
+        """
+        Set the IP multicast TTL for following sends (no-op on a plain
+        UDP port, or when unchanged).
+        """
+        if ttl != self._ttl and hasattr(self.transport, "setTTL"):
+            self.transport.setTTL(ttl)
+            self._ttl = ttl
 
     # -- receiving ---------------------------------------------------------
 

@@ -162,6 +162,7 @@ class ICPClient:
         queried = []
         expectedFrom = []
         expected = 0
+        ttl = 0
         now = self._reactor.seconds()
         for n in neighbours:
             if not self.wouldQuery(n):
@@ -173,6 +174,8 @@ class ICPClient:
             queried.append(n)
             n.noteQuerySent()
             if n.type == "multicast":
+                # One datagram per group, one TTL per round: the largest.
+                ttl = max(ttl, n.ttl)
                 expected += int(n.expectedReplies)
                 if up:
                     expectedFrom.append(n)
@@ -185,6 +188,8 @@ class ICPClient:
             if n.multicastResponder:
                 acceptFrom.setdefault(n.icpAddress, n)
         wait = timeout if timeout is not None else self.computeTimeout(expectedFrom)
+        if ttl:
+            self.protocol.setMulticastTTL(ttl)
         if not sendTo:
             return _succeed(QueryRound(url, [], 0, [], False, wait))
 

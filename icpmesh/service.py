@@ -31,6 +31,7 @@ from twisted.web.server import Site
 
 from icpmesh import __version__
 from icpmesh.config import MeshConfig, loadConfig
+from icpmesh.monitor import MeshMonitor
 from icpmesh.neighbours import Neighbour
 from icpmesh.plugins import Components, resolvePlugins
 from icpmesh.protocol import ICPProtocol
@@ -177,7 +178,9 @@ def makeMeshService(
         failureRatio=failureRatio,
         logQuery=logQuery,
     )
-    protocol = ICPProtocol(top.responder, reactor=reactor)
+    groups = [g for line in config.setting("mcast_groups", []) for g in line]
+    multicast = bool(groups) or any(n.type == "multicast" for n in config.neighbours)
+    protocol = ICPProtocol(top.responder, reactor=reactor, groups=groups)
     top.protocol = protocol if config.icpPort is not None else None
     icpClient = ICPClient(
         protocol,
@@ -190,9 +193,19 @@ def makeMeshService(
     )
     neighbours = [Neighbour(n, reactor=reactor) for n in config.neighbours]
     top.mesh = Mesh(neighbours, icpClient, failureRatio=failureRatio)
+    if neighbours:
+        monitor = MeshMonitor(
+            neighbours,
+            protocol,
+            reactor=reactor,
+            mcastTimeout=config.setting("mcast_icp_query_timeout", 2.0),
+        )
+        monitor.setServiceParent(top)
 
     if config.icpPort is not None:
-        udp = internet.UDPServer(
+        # A multicast-capable port when we join groups or query one.
+        serverClass = internet.MulticastServer if multicast else internet.UDPServer
+        udp = serverClass(
             config.icpPort,
             protocol,
             interface=config.icpAddress,
