@@ -148,9 +148,9 @@ class ICPProtocol(DatagramProtocol):
     The node's ICP socket.
 
     @ivar responder: answers queries; C{None} for a node that only asks.
-    @ivar counters: event counts by name (C{received}, C{queries},
-        C{replies}, C{sent}, C{malformed}, C{malformed.<reason>},
-        C{ignoredReplies}, C{sendErrors}, ...).
+    @ivar counters: rare event counts by name (C{malformed},
+        C{malformed.<reason>}, C{replies}, C{ignoredReplies},
+        C{sendErrors}, ...); L{stats} adds the hot-path counts.
     """
 
     def __init__(
@@ -171,7 +171,14 @@ class ICPProtocol(DatagramProtocol):
             reactor = _reactor
         self._reactor = reactor
         self.responder = responder
+        self._rawResponder = getattr(responder, "handleRawQuery", None)
+        #: Rare events by name; see L{stats} for everything.
         self.counters: Counter[str] = Counter()
+        # Hot counters are plain attributes: a Counter update costs more
+        # than the rest of a fast-path query's bookkeeping.
+        self.queriesReceived = 0
+        self.otherReceived = 0
+        self.repliesSent = 0
         self.rateLog = RateLimitedLog(reactor)
         self._pending: dict[int, PendingQuery] = {}
         self._nextReqnum = 1
@@ -205,10 +212,43 @@ class ICPProtocol(DatagramProtocol):
     def datagramReceived(self, data: bytes, address: Any) -> None:  # type: ignore[override]
         """
         Decode one datagram and dispatch it.  Never raises.
+
+        Well-formed version 2 queries - nearly all traffic - take a fast
+        path: the framing is checked here with a few byte comparisons and
+        the responder reads the request number and URL from the raw bytes
+        (L{icpmesh.server.ICPResponder.handleRawQuery}).  Everything else
+        goes through L{icp.decode}.
         """
+        size = len(data)
+        if (
+            size > 24
+            and data[0] == 1
+            and data[1] == 2
+            and (data[2] << 8 | data[3]) == size
+            and size <= icp.MAX_MESSAGE_LENGTH
+            and data.find(b"\0", 24) == size - 1
+        ):
+            raw = self._rawResponder
+            if raw is not None:
+                self.queriesReceived += 1
+                try:
+                    reply = raw(data, address)
+                except Exception:
+                    self._internalError(address)
+                    return
+                if reply is not None:
+                    try:
+                        self.transport.write(reply, address)
+                    except OSError as e:
+                        self._sendFailed(address, e)
+                    else:
+                        self.repliesSent += 1
+                return
+        self.otherReceived += 1
+        self._slowPath(data, (address[0], address[1]))
+
+    def _slowPath(self, data: bytes, address: Address) -> None:
         counters = self.counters
-        counters["received"] += 1
-        address = (address[0], address[1])
         try:
             message = icp.decode(data)
         except icp.DecodeError as e:
@@ -220,6 +260,8 @@ class ICPProtocol(DatagramProtocol):
             return
         try:
             if message.opcode == icp.Opcode.QUERY:
+                if message.version != icp.VERSION_2:
+                    counters["queriesV3"] += 1
                 counters["queries"] += 1
                 responder = self.responder
                 if responder is None:
@@ -231,9 +273,24 @@ class ICPProtocol(DatagramProtocol):
             else:
                 self._replyReceived(message, address)
         except Exception:
-            # Policy bugs must not take the socket down with them.
-            counters["internalErrors"] += 1
-            log.failure("error handling ICP message from {address}", address=address)
+            self._internalError(address)
+
+    def _internalError(self, address: Any) -> None:
+        # Policy bugs must not take the socket down with them.
+        self.counters["internalErrors"] += 1
+        log.failure("error handling ICP message from {address}", address=address)
+
+    def stats(self) -> dict[str, int]:
+        """
+        Every counter: C{received}, C{queries} (answered through either
+        path), C{repliesSent}, C{malformed} and C{malformed.<reason>}, and
+        the reply-matching counters.
+        """
+        result = dict(self.counters)
+        result["queries"] = result.get("queries", 0) + self.queriesReceived
+        result["received"] = self.queriesReceived + self.otherReceived
+        result["sent"] = result.get("sent", 0) + self.repliesSent
+        return result
 
     def _malformed(self, error: icp.DecodeError, data: bytes, address: Address) -> None:
         counters = self.counters
@@ -311,15 +368,18 @@ class ICPProtocol(DatagramProtocol):
         try:
             self.transport.write(data, address)
         except OSError as e:
-            # UDP send errors (ECONNREFUSED from an earlier ICMP, ENOBUFS)
-            # must not escape.
-            self.counters["sendErrors"] += 1
-            self.rateLog.warn(
-                "send", "ICP send to {address} failed: {error}", address=address, error=e
-            )
+            self._sendFailed(address, e)
             return False
         self.counters["sent"] += 1
         return True
+
+    def _sendFailed(self, address: Any, error: OSError) -> None:
+        # UDP send errors (ECONNREFUSED from an earlier ICMP, ENOBUFS) must
+        # not escape.
+        self.counters["sendErrors"] += 1
+        self.rateLog.warn(
+            "send", "ICP send to {address} failed: {error}", address=address, error=error
+        )
 
     def allocateReqnum(self) -> int:
         """

@@ -32,8 +32,10 @@ RFC 2186: the flag is set only when the data is known).
 
 from __future__ import annotations
 
+import re
+import struct
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 from urllib.parse import quote
 
 from twisted.logger import Logger
@@ -48,6 +50,11 @@ log = Logger()
 MAX_URL = 8192
 #: Cap on the per-client state kept for the DENIED cutoff.
 MAX_TRACKED_CLIENTS = 65536
+#: Cap on the table of URLs already validated and keyed.
+MAX_KNOWN_URLS = 65536
+
+_REPLY_START = struct.Struct("!BBH")
+_REPLY_ZEROS = bytes(12)
 
 _HIT = int(icp.Opcode.HIT)
 _MISS = int(icp.Opcode.MISS)
@@ -64,26 +71,28 @@ _LOG_CODES = {
 }
 
 
-def urlProblem(url: str) -> Optional[str]:
+_BAD_URL_BYTE = re.compile(rb"[^\x21-\x7e]")
+_SCHEME = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]")
+
+
+def urlProblem(url: Union[str, bytes]) -> Optional[str]:
     """
     Why C{url} is not an absolute URL an ICP responder can answer about, or
     C{None} if it is one.
     """
+    if isinstance(url, str):
+        try:
+            url = url.encode("ascii")
+        except UnicodeEncodeError:
+            return "URL contains whitespace or control characters"
     if not url:
         return "empty URL"
     if len(url) >= MAX_URL:
         return "URL too long"
-    if not url.isascii() or not url.isprintable() or " " in url:
+    if _BAD_URL_BYTE.search(url) is not None:
         return "URL contains whitespace or control characters"
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme.isalpha() and not scheme.replace("+", "").replace(
-        "-", ""
-    ).replace(".", "").isalnum():
+    if _SCHEME.match(url) is None:
         return "not an absolute URL"
-    authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-    host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
-    if not host or host == "[]":
-        return "URL has no host"
     return None
 
 
@@ -152,7 +161,8 @@ class ICPResponder:
     """
     Answers ICP queries (RFC 2187 section 5.2).
 
-    @ivar counters: replies sent by opcode name, plus C{cutoffDropped}.
+    @ivar counts: replies sent, by opcode.
+    @ivar counters: other events (C{cutoffDropped}).
     @ivar hitOnly: set to force MISS_NOFETCH for everything not a HIT.
     """
 
@@ -194,21 +204,45 @@ class ICPResponder:
         self.failureRatio = failureRatio
         self._logQuery = logQuery
         self.counters: Counter[str] = Counter()
+        self.counts: dict[int, int] = {op: 0 for op in _LOG_CODES}
         # client address -> [replies, denied, cutoffUntil]
         self._clients: dict[str, list[float]] = {}
+        # URL bytes -> (url, cache key), or (escaped URL, None) when bad
+        self._urls: dict[bytes, tuple[Any, Optional[str]]] = {}
 
     def handleQuery(self, message: icp.Message, address: tuple[str, int]) -> Optional[bytes]:
         """
-        Decide the reply to one query.
+        Decide the reply to one decoded query.
 
         @return: the encoded reply, or C{None} to send nothing.
         """
-        url = message.url
-        client = address[0]
-        problem = urlProblem(url)
-        if problem is not None:
-            escaped = quote(url, safe="!#$&'()*+,-./:;=?@[]_~%").encode("latin-1")
-            return self._reply(_ERR, message, escaped, client, url)
+        return self.answer(
+            message.reqnum.to_bytes(4, "big"), message.url.encode("latin-1"), address[0]
+        )
+
+    def handleRawQuery(self, data: bytes, address: tuple[str, int]) -> Optional[bytes]:
+        """
+        Decide the reply to a QUERY datagram whose framing the protocol has
+        already checked (header, length, NUL-terminated URL at offset 24).
+        The hot path: no message object is built.
+        """
+        return self.answer(data[4:8], data[24:-1], address[0])
+
+    def answer(self, reqnum: bytes, urlBytes: bytes, client: str) -> Optional[bytes]:
+        """
+        The decision itself.
+
+        @param reqnum: the query's request number, 4 bytes big-endian.
+        @param urlBytes: the query's URL, without its NUL.
+        @param client: the querier's IP address.
+        @return: the reply datagram, or C{None}.
+        """
+        known = self._urls.get(urlBytes)
+        if known is None:
+            known = self._learnURL(urlBytes)
+        url, key = known
+        if key is None:
+            return self._reply(_ERR, reqnum, url, client)
 
         state = self._clients.get(client)
         if state is None:
@@ -238,10 +272,10 @@ class ICPResponder:
                     replies=state[0],
                     cutoff=self.cutoffTime,
                 )
-            return self._reply(_DENIED, message, None, client, url)
+            return self._reply(_DENIED, reqnum, urlBytes, client)
         state[0] += 1
 
-        fresh = self._freshUntil(cacheKey(url))
+        fresh = self._freshUntil(key)
         if fresh is not None and (
             self.hitStale or fresh - self._reactor.seconds() >= self.minFresh
         ):
@@ -254,20 +288,51 @@ class ICPResponder:
             opcode = _NOFETCH
         else:
             opcode = _MISS
-        return self._reply(opcode, message, None, client, url)
+        return self._reply(opcode, reqnum, urlBytes, client)
 
-    def _reply(
-        self,
-        opcode: int,
-        message: icp.Message,
-        urlBytes: Optional[bytes],
-        client: str,
-        url: str,
-    ) -> bytes:
-        if urlBytes is None:
-            urlBytes = url.encode("latin-1")
-        data = icp.encodeReply(opcode, message.reqnum, urlBytes)
-        self.counters[_LOG_CODES[opcode]] += 1
+    def _learnURL(self, urlBytes: bytes) -> tuple[Any, Optional[str]]:
+        """
+        Validate a URL seen for the first time and compute its cache key;
+        remember both in a bounded table, since neighbours ask about the
+        same popular URLs again and again.
+
+        @return: C{(url, key)}; for a bad URL, C{(escapedBytes, None)}.
+        """
+        if urlProblem(urlBytes) is not None:
+            escaped = quote(urlBytes, safe="!#$&'()*+,-./:;=?@[]_~%").encode("ascii")
+            known: tuple[Any, Optional[str]] = (escaped, None)
+        else:
+            url = urlBytes.decode("ascii")
+            known = (url, cacheKey(url))
+        urls = self._urls
+        if len(urls) >= MAX_KNOWN_URLS:
+            del urls[next(iter(urls))]
+        urls[urlBytes] = known
+        return known
+
+    def _reply(self, opcode: int, reqnum: bytes, urlBytes: Any, client: str) -> bytes:
+        if opcode == _ERR:
+            url = urlBytes.decode("ascii")
+        else:
+            url = None
+        data = (
+            _REPLY_START.pack(opcode, 2, 21 + len(urlBytes))
+            + reqnum
+            + _REPLY_ZEROS
+            + urlBytes
+            + b"\0"
+        )
+        self.counts[opcode] += 1
         if self._logQuery is not None:
+            if url is None:
+                url = urlBytes.decode("latin-1")
             self._logQuery(client, _LOG_CODES[opcode], len(data), url)
         return data
+
+    def stats(self) -> dict[str, int]:
+        """
+        Replies sent by Squid log code (C{UDP_HIT} ...) and C{cutoffDropped}.
+        """
+        result = {_LOG_CODES[op]: n for op, n in self.counts.items() if n}
+        result.update(self.counters)
+        return result

@@ -60,7 +60,7 @@ class QueryDispatchTests(SynchronousTestCase):
         [(message, address)] = responder.queries
         self.assertEqual((message.reqnum, message.url, address), (5, URL, PEER))
         self.assertEqual(transport.written, [(b"reply", PEER)])
-        self.assertEqual(proto.counters["queries"], 1)
+        self.assertEqual(proto.stats()["queries"], 1)
 
     def test_responderSilence(self) -> None:
         """
