@@ -300,6 +300,9 @@ class ICPResponder:
         """
         if urlProblem(urlBytes) is not None:
             escaped = quote(urlBytes, safe="!#$&'()*+,-./:;=?@[]_~%").encode("ascii")
+            if len(escaped) > icp.MAX_MESSAGE_LENGTH - 21:
+                # The escaped echo would not fit in a datagram.
+                escaped = b""
             known: tuple[Any, Optional[str]] = (escaped, None)
         else:
             url = urlBytes.decode("ascii")

@@ -118,6 +118,9 @@ class ResponderTests(SynchronousTestCase):
             self.assertEqual((reply.opcode, reply.url), (icp.Opcode.ERR, echoed), url)
         long = "http://x/" + "a" * 8200
         self.assertEqual(decoded(self.ask(long)).opcode, icp.Opcode.ERR)
+        spaces = "http://x/" + " " * 16000
+        reply = decoded(self.ask(spaces))
+        self.assertEqual((reply.opcode, reply.url), (icp.Opcode.ERR, ""))
 
     def test_errBeforeDenied(self) -> None:
         """
