@@ -28,9 +28,14 @@ def freePort(kind: int = socket.SOCK_STREAM, address: str = "127.0.0.1") -> int:
 
 
 def twistdCommand() -> list[str]:
+    """
+    The installed C{twistd} script under tox (C{ICPMESH_INSTALLED}), so the
+    drop-in is found as users find it; else twistd run from the checkout.
+    """
     if os.environ.get("ICPMESH_INSTALLED"):
         return [os.path.join(os.path.dirname(sys.executable), "twistd")]
-    return [sys.executable, "-m", "twisted"]
+    return [sys.executable, "-c",
+            "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 
 
 def checkoutEnv() -> dict[str, str]:
@@ -104,6 +109,7 @@ class Node:
 
     def __init__(self, workdir: str, address: str = "127.0.0.1", config: Optional[str] = None,
                  extraArgs: tuple[str, ...] = ()) -> None:
+        workdir = os.path.abspath(workdir)
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.address = address

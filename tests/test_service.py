@@ -60,7 +60,7 @@ class ServiceTests(SynchronousTestCase):
 
         port = reactor.listenUDP(0, Client(), interface="127.0.0.5")
         port.write(icp.encode(icp.query(9, "http://example.com/")), ("127.0.0.1", 3130))
-        reactor.advance(0.01)
+        reactor.pump(0.01)
         [reply] = [icp.decode(d) for d in got]
         self.assertEqual((reply.opcode, reply.reqnum), (icp.Opcode.MISS, 9))
 

@@ -6,32 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from icpmesh.tap import Options
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def twistdCommand() -> list[str]:
-    """
-    The installed twistd under tox (ICPMESH_INSTALLED), else twistd run from
-    the checkout.
-    """
-    if os.environ.get("ICPMESH_INSTALLED"):
-        return [os.path.join(os.path.dirname(sys.executable), "twistd")]
-    return [sys.executable, "-m", "twisted"]
-
-
-def checkoutEnv() -> dict[str, str]:
-    env = dict(os.environ)
-    if not os.environ.get("ICPMESH_INSTALLED"):
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
+from tests.nodelab import checkoutEnv, twistdCommand
 
 class OptionsTests(SynchronousTestCase):
     """
@@ -106,7 +86,7 @@ class TwistdTests(SynchronousTestCase):
 
     def run_(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(twistdCommand() + list(args), capture_output=True, text=True,
-                              env=checkoutEnv(), cwd=self.mktemp() if False else None, timeout=120)
+                              env=checkoutEnv(), timeout=120)
 
     def test_listedWithCleanStderr(self) -> None:
         """
