@@ -115,6 +115,7 @@ class PendingQuery:
         "timeoutCall",
         "isComplete",
         "onReply",
+        "echoes",
     )
 
     def __init__(
@@ -141,6 +142,7 @@ class PendingQuery:
         self.timeoutCall: Any = None
         self.isComplete = isComplete
         self.onReply = onReply
+        self.echoes: dict[Address, int] = {}
 
 
 class ICPProtocol(DatagramProtocol):
@@ -320,13 +322,21 @@ class ICPProtocol(DatagramProtocol):
         counters = self.counters
         counters["replies"] += 1
         opcode = message.opcode
-        if opcode in (icp.Opcode.INVALID, icp.Opcode.ERR, icp.Opcode.SECHO):
+        if opcode in (icp.Opcode.INVALID, icp.Opcode.ERR):
             # RFC 2187 5.3.8 (ERR) and Squid: ignored, never reach selection.
             counters["ignoredReplies." + icp.Opcode(opcode).name] += 1
             return
         pending = self._pending.get(message.reqnum)
         if pending is None:
             counters["lateOrUnknownReplies"] += 1
+            return
+        echoed = pending.echoes.get(address)
+        if echoed is not None and echoed != opcode:
+            # An echo port returns exactly what we sent it.
+            counters["ignoredReplies." + icp.opcodeName(opcode)] += 1
+            return
+        if echoed is None and opcode in (icp.Opcode.SECHO, icp.Opcode.DECHO):
+            counters["ignoredReplies." + icp.Opcode(opcode).name] += 1
             return
         tag = pending.acceptFrom.get(address)
         if tag is None and address not in pending.acceptFrom:
@@ -403,6 +413,7 @@ class ICPProtocol(DatagramProtocol):
         options: int = 0,
         isComplete: Optional[Callable[[PendingQuery, icp.Message], bool]] = None,
         onReply: Optional[Callable[[Any, icp.Message, float], None]] = None,
+        echoes: Optional[dict[Address, int]] = None,
     ) -> Deferred[PendingQuery]:
         """
         Send one query round and collect its replies.
@@ -420,6 +431,11 @@ class ICPProtocol(DatagramProtocol):
             ends the round at once (e.g. on a HIT).
         @param onReply: called with C{(tag, message, rtt)} for each accepted
             reply.
+        @param echoes: addresses of UDP echo ports (port 7) to send, instead
+            of a QUERY, an ICP_OP_SECHO (the origin server, RFC 2187's
+            C{source_ping}) or an ICP_OP_DECHO (a "dumb" parent, 5.3.5);
+            what comes back from them is the same message, echoed.  Include
+            them in C{acceptFrom} too.
         @return: fires with the L{PendingQuery} when the round ends; never
             fails.
         """
@@ -435,10 +451,15 @@ class ICPProtocol(DatagramProtocol):
             isComplete,
             onReply,
         )
+        pending.echoes = dict(echoes) if echoes else {}
         self._pending[reqnum] = pending
         for address in sendTo:
             if self._send(data, address):
                 self.counters["queriesSent"] += 1
+        for address, opcode in pending.echoes.items():
+            echo = icp.encode(icp.Message(opcode=opcode, reqnum=reqnum, url=url))
+            if self._send(echo, address):
+                self.counters["echoesSent"] += 1
         # The entry stays until the timeout even when the round completes
         # earlier, so that late replies still count for liveness and RTT.
         pending.timeoutCall = self._reactor.callLater(timeout, self._expire, pending)

@@ -13,7 +13,9 @@ selectors are handed.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Optional, Sequence
+from urllib.parse import urlsplit
 
 import attr
 from zope.interface import implementer
@@ -24,6 +26,27 @@ from icpmesh.neighbours import Neighbour
 from icpmesh.protocol import ICPProtocol, PendingQuery
 
 _OPCODE_NAMES = {int(o): o.name for o in icp.Opcode}
+
+#: The UDP echo port: neighbours on it get DECHO, origins get SECHO.
+ECHO_PORT = 7
+
+
+class _Origin:
+    """
+    The tag of a SECHO reply: the origin server itself.
+    """
+
+    name = "origin"
+    type = "origin"
+
+    def __repr__(self) -> str:
+        return "ORIGIN"
+
+    def typeFor(self, host: str) -> str:
+        return "origin"
+
+
+ORIGIN = _Origin()
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -37,7 +60,7 @@ class Reply:
     @ivar srcRtt: C{(rttMs, hops)} from SRC_RTT, when the reply carried it.
     """
 
-    neighbour: Neighbour
+    neighbour: Any
     opcode: int
     rtt: float
     srcRtt: Optional[tuple[int, int]] = None
@@ -68,6 +91,18 @@ class QueryRound:
     timeout: float
 
     @property
+    def sourceFastest(self) -> bool:
+        """
+        Whether the origin's SECHO came back before any HIT.
+        """
+        for reply in self.replies:
+            if reply.opcode == icp.Opcode.HIT:
+                return False
+            if reply.opcode == icp.Opcode.SECHO:
+                return True
+        return False
+
+    @property
     def hit(self) -> Optional[Reply]:
         """
         The first HIT, if any.
@@ -90,6 +125,8 @@ class ICPClient:
         neighbours on a busy LAN (and every new one, whose RTT is still 0).
     @ivar deadTimeout: seconds without a reply after which a neighbour is down.
     @ivar srcRtt: ask for SRC_RTT in queries (C{query_icmp}).
+    @ivar sourcePing: also send ICP_OP_SECHO to the origin's echo port
+        (C{source_ping}, RFC 2187 section 5.1).
     """
 
     def __init__(
@@ -101,6 +138,7 @@ class ICPClient:
         maxTimeout: float = 2.0,
         deadTimeout: float = 10.0,
         srcRtt: bool = False,
+        sourcePing: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -113,6 +151,35 @@ class ICPClient:
         self.maxTimeout = maxTimeout
         self.deadTimeout = deadTimeout
         self.srcRtt = srcRtt
+        self.sourcePing = sourcePing
+        self._addresses: dict[str, str] = {}
+
+    def originAddress(self, url: str) -> Optional[str]:
+        """
+        The origin server's IP address for C{source_ping}: the URL's host
+        when it is an address literal, else one learned by an earlier
+        lookup.  A host seen for the first time starts a lookup in the
+        background and is not pinged this time, so no request waits for DNS.
+        """
+        host = urlsplit(url).hostname
+        if not host:
+            return None
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        known = self._addresses.get(host)
+        if known is None and host not in self._addresses:
+            if len(self._addresses) >= 4096:
+                self._addresses.clear()
+            self._addresses[host] = ""
+
+            def learned(ip: str) -> None:
+                self._addresses[host] = ip
+
+            self._reactor.resolve(host).addCallbacks(learned, lambda f: None)
+        return known or None
 
     def wouldQuery(self, neighbour: Neighbour) -> bool:
         """
@@ -158,7 +225,8 @@ class ICPClient:
         group's moving average.
         """
         sendTo = []
-        acceptFrom: dict[tuple[str, int], Neighbour] = {}
+        echoes: dict[tuple[str, int], int] = {}
+        acceptFrom: dict[tuple[str, int], Any] = {}
         queried = []
         expectedFrom = []
         expected = 0
@@ -170,9 +238,18 @@ class ICPClient:
             up = n.isUp(self.deadTimeout)
             if not up and now - n.lastQuery <= self.deadTimeout:
                 continue
-            sendTo.append(n.icpAddress)
             queried.append(n)
             n.noteQuerySent()
+            if n.icpPort == ECHO_PORT and n.type != "multicast":
+                # A "dumb cache" on the echo port gets ICP_OP_DECHO; the
+                # echo counts as a MISS from a parent (RFC 2187 5.3.5).
+                echoes[n.icpAddress] = icp.Opcode.DECHO
+                acceptFrom[n.icpAddress] = n
+                if up:
+                    expected += 1
+                    expectedFrom.append(n)
+                continue
+            sendTo.append(n.icpAddress)
             if n.type == "multicast":
                 # One datagram per group, one TTL per round: the largest.
                 ttl = max(ttl, n.ttl)
@@ -187,17 +264,27 @@ class ICPClient:
         for n in neighbours:
             if n.multicastResponder:
                 acceptFrom.setdefault(n.icpAddress, n)
+        if self.sourcePing and (sendTo or echoes):
+            origin = self.originAddress(url)
+            if origin is not None:
+                # RFC 2187 source_ping: an ICP_OP_SECHO to the origin's echo
+                # port; if it comes back before any HIT, the origin is the
+                # fastest source.
+                echoes[(origin, ECHO_PORT)] = icp.Opcode.SECHO
+                acceptFrom[(origin, ECHO_PORT)] = ORIGIN
         wait = timeout if timeout is not None else self.computeTimeout(expectedFrom)
         if ttl:
             self.protocol.setMulticastTTL(ttl)
-        if not sendTo:
+        if not sendTo and not echoes:
             return _succeed(QueryRound(url, [], 0, [], False, wait))
 
-        def onReply(n: Neighbour, message: icp.Message, rtt: float) -> None:
-            n.noteReply(_OPCODE_NAMES.get(message.opcode, "?"), rtt)
+        def onReply(n: Any, message: icp.Message, rtt: float) -> None:
+            if n is not ORIGIN:
+                n.noteReply(_OPCODE_NAMES.get(message.opcode, "?"), rtt)
 
         def isComplete(pending: PendingQuery, message: icp.Message) -> bool:
-            return stopOnHit and message.opcode == icp.Opcode.HIT
+            # HIT and SECHO are forwarded at once (RFC 2187 5.3).
+            return stopOnHit and message.opcode in (icp.Opcode.HIT, icp.Opcode.SECHO)
 
         d = self.protocol.sendQuery(
             url,
@@ -208,6 +295,7 @@ class ICPClient:
             options=icp.FLAG_SRC_RTT if self.srcRtt else 0,
             isComplete=isComplete,
             onReply=onReply,
+            echoes=echoes,
         )
 
         def done(pending: PendingQuery) -> QueryRound:

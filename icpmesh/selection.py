@@ -206,6 +206,11 @@ class ICPSelector:
         routes: list[Route] = []
         used: set[Any] = set()
         hit = round.hit
+        if hit is None and direct and getattr(round, "sourceFastest", False):
+            # The origin answered our SECHO before any neighbour had a HIT.
+            routes.append(Route(None, "SOURCE_FASTEST", timedOut))
+            routes.extend(parentFallbacks(request, candidates, self.deadTimeout, used))
+            return routes
         if hit is not None:
             n = hit.neighbour
             kind = n.typeFor(host)

@@ -190,6 +190,7 @@ def makeMeshService(
         maxTimeout=config.setting("maximum_icp_query_timeout", 2.0),
         deadTimeout=config.setting("dead_peer_timeout", 10.0),
         srcRtt=config.setting("query_icmp", False),
+        sourcePing=config.setting("source_ping", False),
     )
     neighbours = [Neighbour(n, reactor=reactor) for n in config.neighbours]
     top.mesh = Mesh(neighbours, icpClient, failureRatio=failureRatio)

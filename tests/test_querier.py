@@ -207,3 +207,94 @@ class NeighbourTests(SynchronousTestCase):
         self.assertFalse(p.isUp(10))
         p.noteFetchSucceeded()
         self.assertTrue(p.isUp(10))
+
+
+class Echo:
+    """
+    A UDP echo service (port 7) on the fake network.
+    """
+
+    def __init__(self, reactor: FakeUDPReactor, host: str, delay: float = 0.0) -> None:
+        from twisted.internet.protocol import DatagramProtocol
+
+        echo = self
+
+        class Proto(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:  # type: ignore[override]
+                echo.seen.append(icp.decode(data))
+                reactor.callLater(delay, self.transport.write, data, addr)
+
+        self.seen: list[icp.Message] = []
+        reactor.listenUDP(7, Proto(), interface=host)
+
+
+class EchoTests(SynchronousTestCase):
+    """
+    source_ping (SECHO to the origin) and DECHO to a parent on the echo
+    port.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeUDPReactor(latency=0.001)
+        self.proto = ICPProtocol(None, reactor=self.reactor)
+        self.reactor.listenUDP(3130, self.proto, interface="127.0.0.1")
+
+    def runRound(self, client: ICPClient, url: str, peers: list[Neighbour]) -> Any:
+        results: list[Any] = []
+        client.query(url, peers).addCallback(results.append)
+        for _ in range(400):
+            if results:
+                break
+            self.reactor.advance(0.005)
+        return results[0]
+
+    def test_sourcePingFastest(self) -> None:
+        """
+        With source_ping, the origin's echo port gets a SECHO; when it comes
+        back before any HIT, the round ends at once with sourceFastest.
+        """
+        [p] = neighbours(self.reactor, "cache_peer 127.0.0.2 parent 3128 3130\n")
+        FakeICPNeighbour(self.reactor, ("127.0.0.2", 3130), icp.Opcode.MISS, delay=0.5)
+        echo = Echo(self.reactor, "127.0.0.9")
+        client = ICPClient(self.proto, reactor=self.reactor, timeout=2.0, sourcePing=True)
+        before = self.reactor.seconds()
+        result = self.runRound(client, "http://127.0.0.9/x", [p])
+        self.assertEqual([m.opcode for m in echo.seen], [icp.Opcode.SECHO])
+        self.assertTrue(result.sourceFastest)
+        self.assertLess(self.reactor.seconds() - before, 0.1)
+
+    def test_hitBeatsSlowSource(self) -> None:
+        """
+        A HIT that arrives before the SECHO wins.
+        """
+        [p] = neighbours(self.reactor, "cache_peer 127.0.0.2 sibling 3128 3130\n")
+        FakeICPNeighbour(self.reactor, ("127.0.0.2", 3130), icp.Opcode.HIT)
+        Echo(self.reactor, "127.0.0.9", delay=0.3)
+        client = ICPClient(self.proto, reactor=self.reactor, sourcePing=True)
+        result = self.runRound(client, "http://127.0.0.9/x", [p])
+        self.assertFalse(result.sourceFastest)
+        self.assertEqual(result.hit.neighbour, p)
+
+    def test_namedOriginLearnedInBackground(self) -> None:
+        """
+        An origin named by host name is looked up in the background; the
+        first request does not wait for it, later ones ping it.
+        """
+        from twisted.internet.defer import succeed
+
+        self.reactor.resolve = lambda name, timeout=(1,): succeed("127.0.0.9")  # type: ignore[method-assign]
+        client = ICPClient(self.proto, reactor=self.reactor, sourcePing=True)
+        self.assertIsNone(client.originAddress("http://origin.example/x"))
+        self.assertEqual(client.originAddress("http://origin.example/y"), "127.0.0.9")
+
+    def test_dechoParent(self) -> None:
+        """
+        A parent whose ICP port is the echo port gets DECHO, and the echo
+        counts as its reply.
+        """
+        [p] = neighbours(self.reactor, "cache_peer 127.0.0.8 parent 3128 7\n")
+        echo = Echo(self.reactor, "127.0.0.8")
+        result = self.runRound(ICPClient(self.proto, reactor=self.reactor), "http://e.com/", [p])
+        self.assertEqual([m.opcode for m in echo.seen], [icp.Opcode.DECHO])
+        self.assertFalse(result.timedOut)
+        self.assertEqual([(r.neighbour, r.opcode) for r in result.replies], [(p, icp.Opcode.DECHO)])

@@ -204,3 +204,27 @@ class ICPSelectorTests(SynchronousTestCase):
         bad = parseConfig("selector icp fast=1\n", "t")
         from icpmesh.config import ConfigError
         self.assertRaises(ConfigError, icpSelectorPlugin.selectorFromConfig, bad.plugins["selector"], None)
+
+
+class SourceFastestTests(SynchronousTestCase):
+    """
+    The SECHO reply routes direct.
+    """
+
+    def test_sourceFastest(self) -> None:
+        """
+        A round whose SECHO came back first routes direct as SOURCE_FASTEST.
+        """
+        from twisted.internet.defer import maybeDeferred, succeed
+
+        from icpmesh.querier import ORIGIN
+
+        peers = mesh(PEERS)
+
+        class Client:
+            def query(self, url: str, neighbours: Any, timeout: Any = None, stopOnHit: bool = True) -> Any:
+                return succeed(QueryRound(url, list(neighbours), 3,
+                                          [Reply(ORIGIN, icp.Opcode.SECHO, 0.001)], False, 2.0))
+
+        routes = self.successResultOf(maybeDeferred(ICPSelector().selectRoutes, request(), peers, Client()))
+        self.assertEqual((routes[0].neighbour, routes[0].code), (None, "SOURCE_FASTEST"))
