@@ -4,8 +4,6 @@ Tests for L{icpmesh.config}.
 
 from __future__ import annotations
 
-import os
-
 from twisted.trial.unittest import SynchronousTestCase
 
 from icpmesh.config import (
@@ -161,12 +159,22 @@ class CheckCommandTests(SynchronousTestCase):
             f.write(text)
         return path
 
+    def run_(self, *args: str) -> tuple[int, str, str]:
+        import io
+        import sys
+
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = main(list(args))
+        return code, out.getvalue(), err.getvalue()
+
     def test_ok(self) -> None:
         """
         A good file prints OK and exits 0.
         """
         path = self.write("http_port 127.0.0.1:3128\nacl lan src 10.0.0.0/8\nhttp_access allow lan\n")
-        self.assertEqual(main([path]), 0)
+        self.assertEqual(self.run_(path), (0, f"{path}: OK\n", ""))
 
     def test_unknownDirective(self) -> None:
         """
@@ -174,18 +182,31 @@ class CheckCommandTests(SynchronousTestCase):
         its line.
         """
         path = self.write("http_port 3128\nhtp_access allow all\n")
-        self.assertEqual(main([path]), 1)
+        self.assertEqual(self.run_(path),
+                         (1, "", f"icpmesh-check: {path}:2: unknown directive 'htp_access'\n"))
 
     def test_unknownPlugin(self) -> None:
         """
         An unknown plugin name fails the check.
         """
         path = self.write("store nosuchstore\n")
-        self.assertEqual(main([path]), 1)
+        code, _, err = self.run_(path)
+        self.assertEqual(code, 1)
+        self.assertIn(f"{path}:1: unknown store plugin 'nosuchstore'; installed: ", err)
+        self.assertIn("memory", err)
+
+    def test_badACL(self) -> None:
+        """
+        Mistakes inside a plugin's directives are reported at their line.
+        """
+        path = self.write("http_port 3128\n\nacl lan src 10.0.0.0/33\n")
+        code, _, err = self.run_(path)
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(f"icpmesh-check: {path}:3: "), err)
 
     def test_usage(self) -> None:
         """
         Wrong arguments exit 2.
         """
-        self.assertEqual(main([]), 2)
-        self.assertTrue(os.path.exists(os.path.dirname(__file__)))
+        self.assertEqual(self.run_()[0], 2)
+        self.assertEqual(self.run_("a", "b")[0], 2)
