@@ -537,7 +537,8 @@ SETTINGS: dict[str, Callable[[Directive], Any]] = {
 #: Settings that may appear more than once; their values accumulate in a list.
 REPEATABLE = frozenset(
     {"local_domain", "local_ip", "hierarchy_stoplist", "inside_firewall",
-     "mcast_groups", "neighbour_domain", "neighbour_type_domain", "https_port"}
+     "mcast_groups", "neighbour_domain", "neighbour_type_domain", "https_port",
+     "connect_ports"}
 )
 
 PLUGIN_KINDS = ("store", "access", "selector")

@@ -222,6 +222,7 @@ class CachingProxyResource(Resource):
         reactor: Any = None,
         upstream: Any = None,
         accessLog: Any = None,
+        connectPorts: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -236,6 +237,7 @@ class CachingProxyResource(Resource):
         self.visibleHostname = visibleHostname
         self.upstream = upstream if upstream is not None else Upstream(reactor)
         self.accessLog = accessLog
+        self.connectPorts = frozenset(connectPorts) if connectPorts is not None else frozenset({443})
         self.via = f"1.1 {visibleHostname} (icpmesh/{__version__})".encode()
         self.xCacheHit = f"HIT from {visibleHostname}".encode()
         self.xCacheMiss = f"MISS from {visibleHostname}".encode()
@@ -250,8 +252,7 @@ class CachingProxyResource(Resource):
         uri = request.uri
         client = _clientAddress(request)
         if method == "CONNECT":
-            return self._error(request, 501, "Not Implemented", "CONNECT is not supported yet.",
-                               client, method, uri.decode("latin-1"), started)
+            return self._connect(request, client, started)
         lowered = uri[:8].lower()
         if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
             return self._error(request, 400, "Bad Request",
@@ -273,6 +274,32 @@ class CachingProxyResource(Resource):
             self._cachedOrFetch(request, access, started)
         else:
             self._forward(request, access, started, cacheable=False)
+        return NOT_DONE_YET
+
+    # -- CONNECT ------------------------------------------------------------
+
+    def _connect(self, request: Any, client: str, started: float) -> Any:
+        from icpmesh.tunnel import parseAuthority, startTunnel
+
+        target = parseAuthority(request.uri)
+        text = request.uri.decode("latin-1")
+        if target is None:
+            return self._error(request, 400, "Bad Request", "CONNECT needs host:port.",
+                               client, "CONNECT", text, started)
+        host, port = target
+        access = AccessRequest(client=client, method="CONNECT", url=text, scheme="https",
+                               host=host.lower(), port=port, path="")
+        if not self.access.allowHTTP(access):
+            return self._error(request, 403, "Forbidden", "Access denied.", client, "CONNECT", text, started)
+        if port not in self.connectPorts:
+            return self._error(request, 403, "Forbidden",
+                               f"Tunnels are allowed only to ports {sorted(self.connectPorts)}.",
+                               client, "CONNECT", text, started)
+
+        def done(status: int, size: int) -> None:
+            self._log(access, "TCP_TUNNEL", status, size, "HIER_DIRECT", host, started)
+
+        startTunnel(request, host, port, self._reactor, onDone=done)
         return NOT_DONE_YET
 
     # -- hits ---------------------------------------------------------------

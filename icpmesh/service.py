@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from icpmesh import __version__
-from icpmesh.config import MeshConfig, loadConfig
+from icpmesh.config import ConfigError, MeshConfig, loadConfig
 from icpmesh.monitor import MeshMonitor
 from icpmesh.neighbours import Neighbour
 from icpmesh.plugins import Components, resolvePlugins
@@ -224,6 +224,7 @@ def makeMeshService(
         visibleHostname=config.visibleHostname,
         reactor=reactor,
         accessLog=accessLog,
+        connectPorts=_connectPorts(config),
     )
     top.site = None
     if config.httpPort is not None:
@@ -252,6 +253,23 @@ def makeMeshService(
         n=len(neighbours),
     )
     return top
+
+
+def _connectPorts(config: MeshConfig) -> frozenset[int]:
+    """
+    Ports CONNECT may reach: C{connect_ports} (numbers and ranges), or 443.
+    """
+    lines = config.setting("connect_ports")
+    if not lines:
+        return frozenset({443})
+    ports: set[int] = set()
+    for word in (w for line in lines for w in line):
+        low, _, high = word.partition("-")
+        try:
+            ports.update(range(int(low), int(high or low) + 1))
+        except ValueError:
+            raise ConfigError(f"connect_ports: not a port or range: {word!r}", config.filename)
+    return frozenset(ports)
 
 
 def _where(address: str, port: Optional[int]) -> str:
