@@ -529,7 +529,7 @@ SETTINGS: dict[str, Callable[[Directive], Any]] = {
     "mcast_icp_query_timeout": _joined(parseDuration),
     "mcast_groups": _words,
     "connect_ports": _words,
-    "https_port": _words,
+    "https_port": lambda d: (_words(d), d)[1],
     "tls_verify_origin": lambda d: _single(d, parseBool),
     "neighbour_domain": lambda d: (_words(d), d)[1],
     "neighbour_type_domain": lambda d: (_words(d), d)[1],

@@ -227,10 +227,20 @@ def makeMeshService(
         connectPorts=_connectPorts(config),
     )
     top.site = None
-    if config.httpPort is not None:
+    httpsPorts = [_parseHTTPSPort(d) for d in config.setting("https_port", [])]
+    if config.httpPort is not None or httpsPorts:
         site = ProxySite(top.proxy, reactor=reactor)
         site.displayTracebacks = False
         top.site = site
+    for number, (address, port, tlsOptions) in enumerate(httpsPorts):
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        tlsEndpoint = SSL4ServerEndpoint(reactor, port, tlsOptions, interface=address)
+        https = internet.StreamServerEndpointService(tlsEndpoint, site)
+        https._raiseSynchronously = True
+        https.setName(f"https-{number}")
+        https.setServiceParent(top)
+    if config.httpPort is not None:
         address = config.httpAddress
         if _isIPv6(address):
             endpoint: Any = TCP6ServerEndpoint(reactor, config.httpPort, interface=address)
@@ -253,6 +263,42 @@ def makeMeshService(
         n=len(neighbours),
     )
     return top
+
+
+def _parseHTTPSPort(d: Any) -> tuple[str, int, Any]:
+    """
+    C{https_port [ADDR:]PORT cert=FILE key=FILE}: a TLS listening port for
+    clients that talk to the proxy over TLS (C{curl -x https://...}).
+
+    @raise ConfigError: bad port, missing or unreadable certificate or key.
+    """
+    from twisted.internet.ssl import PrivateCertificate
+
+    from icpmesh.config import parseListen, parseOptions
+
+    words = d.args
+    try:
+        address, port = parseListen(words[0])
+    except ValueError as e:
+        raise d.error(f"https_port: {e}") from None
+    options = parseOptions(words[1:])
+    unknown = set(options) - {"cert", "key"}
+    if unknown:
+        raise d.error(f"https_port: unknown option {sorted(unknown)[0]!r}; known: cert, key")
+    if "cert" not in options:
+        raise d.error("https_port needs cert=FILE (and key=FILE unless the cert file holds it)")
+    try:
+        with open(options["cert"], "rb") as f:
+            pem = f.read()
+        if "key" in options:
+            with open(options["key"], "rb") as f:
+                pem += b"\n" + f.read()
+        tls = PrivateCertificate.loadPEM(pem).options()
+    except OSError as e:
+        raise d.error(f"https_port: cannot read {e.filename}: {e.strerror}") from None
+    except Exception as e:
+        raise d.error(f"https_port: bad certificate or key: {e}") from None
+    return address, port, tls
 
 
 def _connectPorts(config: MeshConfig) -> frozenset[int]:
