@@ -36,7 +36,7 @@ class AccessLog(Service):
     @ivar path: the file, when opened by path.
     """
 
-    name = "access-log"
+    name = "access-log"  # type: ignore[assignment]
 
     def __init__(self, target: Union[str, IO[str]], reactor: Any = None) -> None:
         if reactor is None:
@@ -101,6 +101,18 @@ class AccessLog(Service):
     ) -> None:
         """
         One HTTP request.
+
+        @param client: the client's address.
+        @param code: the Squid result code (C{TCP_HIT}, C{TCP_MISS}, ...).
+        @param status: the HTTP status sent.
+        @param size: body bytes sent.
+        @param method: the request method.
+        @param url: the request URL.
+        @param hierarchy: the hierarchy code (C{HIER_DIRECT},
+            C{TIMEOUT_FIRST_PARENT_MISS}, ...).
+        @param peer: the host fetched from, or C{"-"}.
+        @param contentType: the response's content type, or C{"-"}.
+        @param elapsedMs: milliseconds the request took.
         """
         now = self._reactor.seconds()
         self._add(
@@ -111,7 +123,14 @@ class AccessLog(Service):
     def logICP(self, client: str, code: str, size: int, url: str) -> None:
         """
         One ICP reply we sent (Squid's C{log_icp_queries}).
+
+        @param code: the Squid code (C{"UDP_HIT"}, C{"UDP_MISS"},
+            C{"UDP_DENIED"}, C{"UDP_INVALID"}, C{"UDP_MISS_NOFETCH"}), or the
+            reply opcode's name without the C{UDP_} prefix.
+        @param size: the reply's size in bytes.
         """
+        if not code.startswith("UDP_"):
+            code = "UDP_" + code
         now = self._reactor.seconds()
         self._add(f"{now:.3f}      0 {client} {code}/000 {size} ICP_QUERY {_clean(url)} - HIER_NONE/- -\n")
 

@@ -87,7 +87,7 @@ def parseCacheControl(values: Optional[Sequence[bytes]]) -> dict[str, Optional[s
 
 def _splitList(text: str) -> list[str]:
     parts = []
-    current = []
+    current: list[str] = []
     quoted = False
     for ch in text:
         if ch == '"':
@@ -129,30 +129,45 @@ def mayStore(
     responseCC: Mapping[str, Optional[str]],
     hasAuthorization: bool,
     hasExpires: bool,
-    hasLastModified: bool,
 ) -> bool:
     """
-    RFC 9111 section 3: may a shared cache store this response?
+    RFC 9111 section 3: may a shared cache store this response at all?
+
+    A response passes when the request method is GET, neither side says
+    C{no-store}, the response is not C{private}, a request with
+    C{Authorization} got an explicit permission (C{public}, C{s-maxage} or
+    C{must-revalidate}, section 3.5), partial content is not involved, and
+    the response has explicit freshness (C{Expires}, C{max-age},
+    C{s-maxage}, C{public}) or a heuristically cacheable status code.  Such
+    a response may be stored even when it is stale at once, to be
+    revalidated later; whether that is worth it is the caller's choice.
+
+    @param method: the request method, upper case.
+    @param status: the response status code.
+    @param requestCC: the request's parsed C{Cache-Control}.
+    @param responseCC: the response's parsed C{Cache-Control}.
+    @param hasAuthorization: the request carried C{Authorization}.
+    @param hasExpires: the response carried C{Expires}.
+    @return: C{True} when storing is allowed.
     """
-    if method not in ("GET", "HEAD"):
+    if method != "GET":
         return False
     if "no-store" in requestCC or "no-store" in responseCC or "private" in responseCC:
         return False
-    if status == 206 or status < 200 or status >= 600:
+    if status == 206 or status < 200 or status >= 600 or status == 304:
         return False
     if hasAuthorization and not (
         "public" in responseCC or "s-maxage" in responseCC or "must-revalidate" in responseCC
     ):
         return False
-    explicit = (
+    if (
         hasExpires
+        or "public" in responseCC
         or deltaSeconds(responseCC.get("max-age")) is not None
         or deltaSeconds(responseCC.get("s-maxage")) is not None
-        or "public" in responseCC
-    )
-    if explicit:
+    ):
         return True
-    return status in HEURISTIC_STATUSES and hasLastModified
+    return status in HEURISTIC_STATUSES
 
 
 def freshnessLifetime(
@@ -198,3 +213,180 @@ def correctedInitialAge(
             age = float(text)
     corrected = age + (responseTime - requestTime)
     return max(apparent, corrected)
+
+
+def currentAge(
+    ageHeader: Optional[bytes],
+    date: Optional[float],
+    requestTime: float,
+    responseTime: float,
+    now: float,
+) -> float:
+    """
+    RFC 9111 section 4.2.3: the age of a stored response at C{now}.
+    """
+    return correctedInitialAge(ageHeader, date, requestTime, responseTime) + (now - responseTime)
+
+
+#: Request headers whose values C{Vary} compares after normalising white
+#: space only; everything else is compared as sent.
+_VARY_SEPARATOR = "\n"
+
+
+def varyNames(values: Optional[Sequence[bytes]]) -> Optional[tuple[str, ...]]:
+    """
+    The request header names a response varies on, lower case, sorted and
+    without duplicates.
+
+    @return: an empty tuple for no C{Vary}, C{None} for C{Vary: *} (the
+        response can never be reused).
+    """
+    if not values:
+        return ()
+    names = set()
+    for value in values:
+        for part in value.decode("latin-1").split(","):
+            name = part.strip().lower()
+            if name == "*":
+                return None
+            if name:
+                names.add(name)
+    return tuple(sorted(names))
+
+
+def varyKey(primary: str, names: Sequence[str], headers: Mapping[str, Sequence[bytes]]) -> str:
+    """
+    The secondary cache key of a response that varies on C{names}
+    (RFC 9111 section 4.1): the primary key plus each named request
+    header's values, white space normalised.  Requests whose selecting
+    headers are equivalent get the same key; an absent header differs from
+    an empty one.
+
+    @param primary: the primary key (L{cacheKey}).
+    @param names: the names from L{varyNames}.
+    @param headers: request header values by lower-case name.
+    """
+    parts = [primary]
+    for name in names:
+        values = headers.get(name)
+        if values is None:
+            parts.append(f"{name}:")
+        else:
+            joined = ",".join(v.decode("latin-1") for v in values)
+            normal = ",".join(" ".join(item.split()) for item in joined.split(","))
+            parts.append(f"{name}={normal}")
+    return _VARY_SEPARATOR.join(parts)
+
+
+def weakMatch(a: bytes, b: bytes) -> bool:
+    """
+    Weak comparison of two entity tags (RFC 9110 section 8.8.3.2).
+    """
+    a = a.strip()
+    b = b.strip()
+    if a.startswith(b"W/"):
+        a = a[2:]
+    if b.startswith(b"W/"):
+        b = b[2:]
+    return a == b
+
+
+def ifNoneMatchMatches(ifNoneMatch: Sequence[bytes], etag: Optional[bytes]) -> bool:
+    """
+    Whether an C{If-None-Match} field (all its values) matches C{etag},
+    by weak comparison; C{*} matches any stored response.
+    """
+    for value in ifNoneMatch:
+        for tag in _splitList(value.decode("latin-1")):
+            if tag == "*":
+                return True
+            if etag is not None and weakMatch(tag.encode("latin-1"), etag):
+                return True
+    return False
+
+
+def notModified(
+    ifNoneMatch: Optional[Sequence[bytes]],
+    ifModifiedSince: Optional[bytes],
+    etag: Optional[bytes],
+    lastModified: Optional[bytes],
+    date: Optional[bytes],
+) -> bool:
+    """
+    RFC 9111 section 4.3.2: should a cache answer a conditional request
+    with 304 from a stored response with these validators?
+
+    C{If-None-Match} wins when present; otherwise C{If-Modified-Since} is
+    compared with C{Last-Modified} (or, without it, the stored C{Date}).
+    """
+    if ifNoneMatch:
+        return ifNoneMatchMatches(ifNoneMatch, etag)
+    if ifModifiedSince is None:
+        return False
+    since = httpDate(ifModifiedSince)
+    if since is None:
+        return False
+    modified = httpDate(lastModified) if lastModified is not None else httpDate(date)
+    return modified is not None and modified <= since
+
+
+#: Headers a 304 never replaces in the stored response (RFC 9111 section
+#: 3.2: the framing of the stored body stays).
+_KEEP_ON_UPDATE = frozenset({b"content-length", b"content-encoding", b"content-range", b"transfer-encoding"})
+
+
+def updatedHeaders(
+    stored: Sequence[tuple[bytes, bytes]], fresh: Sequence[tuple[bytes, bytes]]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    RFC 9111 section 3.2: the stored headers updated from a 304 (or a HEAD
+    response): every header field in C{fresh} replaces all stored fields of
+    that name, except those describing the body's framing.
+
+    @param stored: the stored C{(name, value)} pairs (names as stored).
+    @param fresh: the new C{(name, value)} pairs, hop-by-hop ones removed.
+    """
+    replace: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for name, value in fresh:
+        lower = name.lower()
+        if lower in _KEEP_ON_UPDATE:
+            continue
+        replace.setdefault(lower, []).append((name, value))
+    result: list[tuple[bytes, bytes]] = []
+    done: set[bytes] = set()
+    for name, value in stored:
+        lower = name.lower()
+        if lower in replace:
+            if lower not in done:
+                result.extend(replace[lower])
+                done.add(lower)
+        else:
+            result.append((name, value))
+    for lower, pairs in replace.items():
+        if lower not in done:
+            result.extend(pairs)
+    return tuple(result)
+
+
+def invalidationTarget(requestURL: str, value: bytes) -> Optional[str]:
+    """
+    RFC 9111 section 4.4: the URL named by a C{Location} or
+    C{Content-Location} value, resolved against the request URL, when it
+    has the same origin (scheme, host and port) as the request; otherwise
+    C{None} (a cache must not invalidate other origins on its word).
+    """
+    from urllib.parse import urljoin
+
+    try:
+        target = urljoin(requestURL, value.decode("latin-1").strip())
+        a = urlsplit(requestURL)
+        b = urlsplit(target)
+        same = (
+            a.scheme.lower() == b.scheme.lower()
+            and (a.hostname or "") == (b.hostname or "")
+            and (a.port or DEFAULT_PORTS.get(a.scheme.lower()))
+            == (b.port or DEFAULT_PORTS.get(b.scheme.lower()))
+        )
+    except ValueError:
+        return None
+    return target if same else None

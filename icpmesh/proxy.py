@@ -6,22 +6,35 @@ A forward proxy receives absolute-form request targets (C{GET
 http://origin/path HTTP/1.1}); L{CachingProxyResource} is therefore the root
 of its C{Site} and never traverses children.
 
-For GET and HEAD it answers from the store while the stored response is
-fresh (C{X-Cache: HIT}); otherwise it asks the peer selector where to fetch
-from (a neighbour's hit, a parent, or the origin), streams the response to
-the client while writing it to the store, and marks it C{X-Cache: MISS}.
-Other methods are forwarded uncached and invalidate what is stored for the
-URL.  A body that breaks off is never stored, and the client's response is
+For GET and HEAD it answers from the store while the stored response may
+be used (RFC 9111 section 4: fresh, or stale but allowed by the request's
+C{max-stale}); a stale response with a validator is revalidated with a
+conditional request, and a 304 refreshes the stored headers.  Otherwise it
+asks the peer selector where to fetch from (a neighbour's hit, a parent,
+or the origin), streams the response to the client while writing it to the
+store, and marks it C{X-Cache: MISS}.  Concurrent misses for one URL share
+one upstream fetch (collapsed forwarding).  Responses that vary are stored
+under secondary keys built from the request headers they vary on.
+
+Other methods are forwarded uncached and, when they succeed, invalidate
+what is stored for the URL and for the C{Location} and C{Content-Location}
+they name on the same origin.
+
+A body that breaks off is never stored, and the client's response is
 aborted rather than finished, so nobody is served a truncated object as if
 it were complete.
+
+See C{docs/proxy.md} for the rules in full and the access-log codes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from html import escape
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +50,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from icpmesh import __version__
 from icpmesh.caching import (
@@ -45,8 +59,13 @@ from icpmesh.caching import (
     deltaSeconds,
     freshnessLifetime,
     httpDate,
+    invalidationTarget,
     mayStore,
+    notModified,
     parseCacheControl,
+    updatedHeaders,
+    varyKey,
+    varyNames,
 )
 from icpmesh.interfaces import AccessRequest, ObjectTooLarge, StoredResponse
 
@@ -67,6 +86,37 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+#: Largest request header section (names, values and line overhead)
+#: accepted; larger ones get 431.  Squid's C{request_header_max_size} is
+#: 64 KB too.
+MAX_REQUEST_HEADER_SIZE = 64 * 1024
+
+#: Statuses whose responses have no body.
+_NO_BODY = frozenset({204, 304})
+
+#: Request headers that make a conditional request (ours replace the
+#: client's when we revalidate a stored response).
+_CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range")
+
+#: Request headers the upstream client sets itself: the body's length,
+#: and Host, which must name the target URL's authority (RFC 9112 3.2.2).
+_FRAMING = frozenset({b"content-length", b"host"})
+
+#: Upstream statuses after which stale-if-error may serve a stale response.
+_ERROR_STATUSES = frozenset({500, 502, 503, 504})
+
+#: Methods a proxy answers itself when Max-Forwards is 0 (RFC 9110 7.6.2).
+_MAX_FORWARDS_METHODS = frozenset({"TRACE", "OPTIONS"})
+
+#: What OPTIONS with Max-Forwards: 0 announces.
+_ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
+
+#: Bound on the prebuilt header sets of hits.
+_TEMPLATES_MAX = 10_000
+
+#: Bound on the URLs whose Vary header names are remembered.
+_VARY_INDEX_MAX = 100_000
+
 _ERROR_PAGE = (
     "<!DOCTYPE html>\n<html><head><title>{code} {reason}</title></head>"
     "<body><h1>{code} {reason}</h1><p>{detail}</p><hr>"
@@ -74,15 +124,18 @@ _ERROR_PAGE = (
 )
 
 
-def endToEndHeaders(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
+def endToEndHeaders(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The headers of C{headers} that are not hop-by-hop, including those
-    named in C{Connection}.
+    named in C{Connection}, with lower-case names.
     """
-    drop = set(HOP_BY_HOP)
-    for value in headers.getRawHeaders(b"connection", []):
-        for token in value.split(b","):
-            drop.add(token.strip().lower())
+    connection = headers.getRawHeaders(b"connection")
+    drop: Any = HOP_BY_HOP
+    if connection:
+        drop = set(HOP_BY_HOP)
+        for value in connection:
+            for token in value.split(b","):
+                drop.add(token.strip().lower())
     return [
         (name.lower(), values)
         for name, values in headers.getAllRawHeaders()
@@ -93,10 +146,15 @@ def endToEndHeaders(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
 class Upstream:
     """
     Fetches from origins and neighbours with C{twisted.web.client} over one
-    persistent connection pool.
+    persistent connection pool: an L{Agent} for the origins, a
+    L{ProxyAgent} per neighbour (over TLS when the neighbour says C{tls}).
     """
 
     def __init__(self, reactor: Any, connectTimeout: float = 30.0) -> None:
+        """
+        @param reactor: the reactor to connect with.
+        @param connectTimeout: seconds to wait for a connection to an origin.
+        """
         self._reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
@@ -105,14 +163,20 @@ class Upstream:
         self._proxies: dict[Any, ProxyAgent] = {}
 
     def agentFor(self, neighbour: Any) -> Any:
+        """
+        The agent that fetches from C{neighbour} (C{None}: the origins).
+        """
         if neighbour is None:
             return self._direct
         agent = self._proxies.get(neighbour)
         if agent is None:
             from twisted.internet.endpoints import HostnameEndpoint
 
-            host = neighbour.icpAddress[0] if hasattr(neighbour, "icpAddress") else neighbour.host
-            endpoint = HostnameEndpoint(
+            # The address the monitor resolved, when it has (no lookup per
+            # connection); the name otherwise.
+            address = getattr(neighbour, "icpAddress", None)
+            host = address[0] if address else neighbour.host
+            endpoint: Any = HostnameEndpoint(
                 self._reactor,
                 host,
                 neighbour.httpPort,
@@ -122,7 +186,9 @@ class Upstream:
                 from twisted.internet.endpoints import wrapClientTLS
                 from twisted.internet.ssl import optionsForClientTLS
 
-                domain = neighbour.config.values.get("tls-domain", neighbour.host)
+                config = getattr(neighbour, "config", None)
+                values = getattr(config, "values", None) or {}
+                domain = values.get("tls-domain", neighbour.host)
                 endpoint = wrapClientTLS(optionsForClientTLS(domain), endpoint)
             agent = self._proxies[neighbour] = ProxyAgent(endpoint, self._reactor, pool=self.pool)
         return agent
@@ -130,71 +196,243 @@ class Upstream:
     def fetch(
         self, neighbour: Any, method: bytes, url: bytes, headers: Headers, body: Any
     ) -> "Deferred[IResponse]":
+        """
+        Send one request: to the origin named in C{url} when C{neighbour}
+        is C{None}, else to the neighbour as to a proxy.
+        """
         return self.agentFor(neighbour).request(method, url, headers, body)
 
-    def close(self) -> Deferred[None]:
+    def close(self) -> "Deferred[None]":
+        """
+        Close the pooled connections.
+        """
         return self.pool.closeCachedConnections()
 
 
-class _BodyRelay(Protocol):
+class _Exchange:
     """
-    Receives an upstream body and writes it to the client and the store.
+    One client request and what the proxy has learned about it.
+
+    @ivar request: the C{twisted.web} request, or C{None} for a background
+        revalidation.
+    @ivar access: the L{AccessRequest}.
+    @ivar started: reactor time when it arrived.
+    @ivar key: the primary cache key.
+    @ivar requestCC: the parsed request C{Cache-Control}.
+    @ivar storageKey: the key its response is (or would be) stored under.
+    @ivar entry: the stored object found for it, if any.
+    @ivar code: the access-log code so far.
+    @ivar gone: the client has disconnected.
     """
 
-    def __init__(self, proxy: "CachingProxyResource", request: Any, writer: Any, done: Deferred[Any]) -> None:
-        self.proxy = proxy
+    __slots__ = (
+        "request", "access", "started", "key", "requestCC", "storageKey", "entry",
+        "code", "gone", "collapsed", "_headerMap",
+    )
+
+    def __init__(self, request: Any, access: AccessRequest, started: float) -> None:
         self.request = request
+        self.access = access
+        self.started = started
+        self.key = ""
+        self.requestCC: dict[str, Optional[str]] = {}
+        self.storageKey = ""
+        self.entry: Any = None
+        self.code = "TCP_MISS"
+        self.gone = False
+        self.collapsed = False
+        self._headerMap: Optional[dict[str, list[bytes]]] = None
+
+    def headerMap(self) -> dict[str, list[bytes]]:
+        """
+        Request header values by lower-case text name (for Vary).
+        """
+        if self._headerMap is None:
+            if self.request is None:
+                self._headerMap = {}
+            else:
+                self._headerMap = {
+                    name.decode("latin-1").lower(): list(values)
+                    for name, values in self.request.requestHeaders.getAllRawHeaders()
+                }
+        return self._headerMap
+
+    def header(self, name: bytes) -> Optional[list[bytes]]:
+        """
+        The values of request header C{name}, or C{None}.
+        """
+        if self.request is None:
+            return None
+        return self.request.requestHeaders.getRawHeaders(name)
+
+
+@implementer(IPushProducer)
+class _ClientProducer:
+    """
+    Registered with one client's request: a client whose connection is
+    full pauses the shared upstream body until every client can take more.
+    """
+
+    def __init__(self, relay: "_Relay", exchange: _Exchange) -> None:
+        self.relay = relay
+        self.exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self.relay.pauseFor(self.exchange)
+
+    def resumeProducing(self) -> None:
+        self.relay.resumeFor(self.exchange)
+
+    def stopProducing(self) -> None:
+        self.relay.clientLost(self.exchange)
+
+
+class _Relay(Protocol):
+    """
+    Receives one upstream body and writes it to every client that shares
+    the response and to the store writer.
+
+    Flow control: the upstream transport is paused while any client's
+    connection is full.  A client that goes away is dropped; when no
+    client is left and nothing is being stored, the upstream is stopped.
+    """
+
+    def __init__(
+        self,
+        proxy: "CachingProxyResource",
+        clients: list[_Exchange],
+        writer: Any,
+        onDone: Callable[[Optional[Failure], int], None],
+    ) -> None:
+        self.proxy = proxy
+        self.clients = [c for c in clients if not c.gone and c.request is not None]
         self.writer = writer
-        self.done = done
-        self.clientGone = False
+        self.onDone = onDone
         self.size = 0
+        self.paused: set[int] = set()
+        self.finished = False
 
     def connectionMade(self) -> None:
-        if not self.clientGone and self.transport is not None:
-            # Flow control: Twisted pauses the upstream when the client's
-            # buffer is full.
-            self.request.registerProducer(self.transport, True)
+        for client in self.clients:
+            client.request.registerProducer(_ClientProducer(self, client), True)
+        self._maybeStop()
+
+    def pauseFor(self, client: _Exchange) -> None:
+        first = not self.paused
+        self.paused.add(id(client))
+        if first and self.transport is not None and not self.finished:
+            self.transport.pauseProducing()
+
+    def resumeFor(self, client: _Exchange) -> None:
+        if id(client) in self.paused:
+            self.paused.discard(id(client))
+            if not self.paused and self.transport is not None and not self.finished:
+                self.transport.resumeProducing()
+
+    def clientLost(self, client: _Exchange) -> None:
+        client.gone = True
+        if client in self.clients:
+            self.clients.remove(client)
+        self.resumeFor(client)
+        self._maybeStop()
+
+    def _maybeStop(self) -> None:
+        if not self.clients and self.writer is None and not self.finished and self.transport is not None:
+            # Nobody wants the rest of the body.
+            self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
-        if not self.clientGone:
-            self.request.write(data)
+        for client in self.clients:
+            client.request.write(data)
         writer = self.writer
         if writer is not None:
             try:
                 writer.write(data)
             except ObjectTooLarge:
                 self.writer = None
+                self._maybeStop()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        complete = reason.check(ResponseDone) is not None
+        self.finished = True
         writer = self.writer
         self.writer = None
-        if not self.clientGone:
-            self.request.unregisterProducer()
+        complete = reason.check(ResponseDone) is not None
+        for client in self.clients:
+            client.request.unregisterProducer()
         if complete:
+            self.onDone(None, self.size)
             if writer is not None:
                 writer.finish().addErrback(
                     lambda f: log.warn("not stored: {error}", error=f.getErrorMessage())
                 )
-            if not self.clientGone:
-                self.request.finish()
-        else:
-            if writer is not None:
-                writer.abort()
-            if reason.check(PotentialDataLoss) and not self.clientGone:
-                # A close-delimited body: complete as far as anyone can
-                # tell, but not trusted enough to store.
-                self.request.finish()
-            elif not self.clientGone:
-                log.warn(
-                    "upstream body for {url} broke off after {size} bytes: {error}",
-                    url=self.request.uri,
-                    size=self.size,
-                    error=reason.getErrorMessage(),
-                )
-                self.request.channel.transport.abortConnection()
-        self.done.callback(self.size)
+            for client in self.clients:
+                client.request.finish()
+            return
+        if writer is not None:
+            writer.abort()
+        if reason.check(PotentialDataLoss):
+            # A body delimited by closing the connection: complete as far
+            # as anyone can tell, but not trusted enough to store.
+            self.onDone(None, self.size)
+            for client in self.clients:
+                client.request.finish()
+            return
+        self.onDone(reason, self.size)
+        for client in self.clients:
+            _abort(client.request)
+
+
+class _Discard(Protocol):
+    """
+    Reads and drops a body.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        pass
+
+
+class _Fetch:
+    """
+    One upstream fetch, possibly shared by several clients.
+
+    @ivar leader: the exchange that started it, or C{None} for a background
+        revalidation.
+    @ivar followers: exchanges that arrived for the same URL before its
+        response headers did.
+    @ivar revalidating: the stale stored object this fetch replaces or
+        revalidates, if any (served again if C{stale-if-error} allows).
+    @ivar conditional: the request carries the stored object's validators,
+        so a 304 refreshes it.
+    @ivar joinable: more followers may join.
+    """
+
+    def __init__(
+        self,
+        proxy: "CachingProxyResource",
+        leader: _Exchange,
+        revalidating: Any,
+        conditional: bool = False,
+        background: bool = False,
+    ) -> None:
+        self.proxy = proxy
+        self.leader = leader
+        self.background = background
+        self.followers: list[_Exchange] = []
+        self.revalidating = revalidating
+        self.conditional = conditional
+        self.joinable = True
+        self.routes: list[Any] = []
+
+    def clients(self) -> list[_Exchange]:
+        """
+        The exchanges waiting for this fetch's response.
+        """
+        waiting = [] if self.background else [self.leader]
+        return waiting + self.followers
 
 
 class CachingProxyResource(Resource):
@@ -206,8 +444,13 @@ class CachingProxyResource(Resource):
     @ivar selector: the L{IPeerSelector}.
     @ivar mesh: neighbours and the ICP client (L{icpmesh.querier.Mesh}).
     @ivar visibleHostname: our name in C{Via} and C{X-Cache}.
-    @ivar upstream: fetches from origins and neighbours.
+    @ivar upstream: fetches from origins and neighbours (L{Upstream}).
     @ivar accessLog: the Squid-format access log, or C{None}.
+    @ivar connectPorts: ports CONNECT may reach.
+    @ivar maxRequestHeaderSize: largest request header section accepted
+        (431 beyond).
+    @ivar maxRequestBodySize: largest request body accepted (413 beyond),
+        or C{None} for no limit.
     """
 
     isLeaf = True
@@ -223,7 +466,26 @@ class CachingProxyResource(Resource):
         upstream: Any = None,
         accessLog: Any = None,
         connectPorts: Any = None,
+        maxRequestHeaderSize: int = MAX_REQUEST_HEADER_SIZE,
+        maxRequestBodySize: Optional[int] = None,
     ) -> None:
+        """
+        @param store: the L{IObjectStore}.
+        @param access: the L{IAccessControl}.
+        @param selector: the L{IPeerSelector}.
+        @param mesh: has C{neighbours}, C{icp}, C{noteFetchFailed(n)} and
+            C{noteFetchSucceeded(n)}.
+        @param visibleHostname: our name in C{Via} and C{X-Cache}.
+        @param reactor: the reactor (time, connections); the global one by
+            default.
+        @param upstream: has C{fetch(neighbour, method, url, headers,
+            bodyProducer)} returning a Deferred L{IResponse}; an L{Upstream}
+            by default.
+        @param accessLog: an L{icpmesh.accesslog.AccessLog}, or C{None}.
+        @param connectPorts: ports CONNECT may reach (443 by default).
+        @param maxRequestHeaderSize: see the instance variable.
+        @param maxRequestBodySize: see the instance variable.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -238,15 +500,25 @@ class CachingProxyResource(Resource):
         self.upstream = upstream if upstream is not None else Upstream(reactor)
         self.accessLog = accessLog
         self.connectPorts = frozenset(connectPorts) if connectPorts is not None else frozenset({443})
+        self.maxRequestHeaderSize = maxRequestHeaderSize
+        self.maxRequestBodySize = maxRequestBodySize
         self.via = f"1.1 {visibleHostname} (icpmesh/{__version__})".encode()
+        self._viaName = visibleHostname.lower().encode()
         self.xCacheHit = f"HIT from {visibleHostname}".encode()
         self.xCacheMiss = f"MISS from {visibleHostname}".encode()
+        # id(meta) -> (meta, the headers of a hit on it)
+        self._templates: dict[int, tuple[StoredResponse, Headers, int, str]] = {}
+        # primary key -> the request header names its stored response varies on
+        # primary key -> (the request header names its stored responses vary
+        # on, the secondary keys stored under it), oldest first
+        self._vary: dict[str, tuple[tuple[str, ...], set[str]]] = {}
+        # primary key -> the fetch in flight for it
+        self._inflight: dict[str, _Fetch] = {}
 
     # -- entry ------------------------------------------------------------
 
     def render(self, request: Any) -> Any:
         request.defaultContentType = None
-        request.responseHeaders.removeHeader(b"server")
         started = self._reactor.seconds()
         method = request.method.decode("latin-1").upper()
         uri = request.uri
@@ -259,22 +531,97 @@ class CachingProxyResource(Resource):
                                "This is a proxy: send an absolute URL (GET http://host/path).",
                                client, method, uri.decode("latin-1"), started)
         url = uri.decode("latin-1")
-        headers = {
-            name.decode("latin-1").lower(): values[-1].decode("latin-1")
-            for name, values in request.requestHeaders.getAllRawHeaders()
-        }
-        try:
-            access = AccessRequest.fromURL(client, method, url, headers=headers)
-        except ValueError:
+        if self.maxRequestHeaderSize < getattr(request.channel, "totalHeadersSize", 0) and (
+            _headerSize(request.requestHeaders) > self.maxRequestHeaderSize
+        ):
+            # (A larger header section never gets here: twisted.web's
+            # channel refuses it with 400 first.)
+            return self._error(request, 431, "Request Header Fields Too Large",
+                               "The request headers are too large.", client, method, url, started,
+                               code="NONE")
+        if self.maxRequestBodySize is not None and self._bodyTooLarge(request):
+            return self._error(request, 413, "Content Too Large",
+                               "The request body is too large.", client, method, url, started,
+                               code="NONE")
+        parts = _urlParts(url)
+        if parts is None:
             return self._error(request, 400, "Bad Request", "The URL cannot be parsed.",
                                client, method, url, started)
+        access = AccessRequest(client, method, url, parts[0], parts[1], parts[2], parts[3],
+                               _RequestHeaders(request.requestHeaders))
         if not self.access.allowHTTP(access):
             return self._error(request, 403, "Forbidden", "Access denied.", client, method, url, started)
+        exchange = _Exchange(request, access, started)
+        exchange.key = cacheKey(url)
         if method in ("GET", "HEAD"):
-            self._cachedOrFetch(request, access, started)
+            values = request.requestHeaders.getRawHeaders(b"cache-control")
+            if values:
+                exchange.requestCC = parseCacheControl(values)
+            elif b"no-cache" in b",".join(request.requestHeaders.getRawHeaders(b"pragma", ())).lower():
+                exchange.requestCC = {"no-cache": None}
+            exchange.storageKey = self._storageKey(exchange)
+            d = self.store.get(exchange.storageKey)
+            if _hasValue(d):
+                # An in-memory store answered at once: skip the callback
+                # machinery on the hit path.
+                self._found(d.result, exchange, True)
+            else:
+                d.addCallbacks(self._found, self._lookupFailed, (exchange, True), None, (exchange,))
         else:
-            self._forward(request, access, started, cacheable=False)
+            if method in _MAX_FORWARDS_METHODS and self._maxForwards(exchange):
+                return NOT_DONE_YET
+            self._fetch(exchange, None, collapse=False)
         return NOT_DONE_YET
+
+    def _bodyTooLarge(self, request: Any) -> bool:
+        limit = self.maxRequestBodySize
+        assert limit is not None
+        for value in request.requestHeaders.getRawHeaders(b"content-length", ()):
+            if value.strip().isdigit() and int(value) > limit:
+                return True
+        content = request.content
+        if content is None:
+            return False
+        position = content.tell()
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(position)
+        return size > limit
+
+    def _maxForwards(self, exchange: _Exchange) -> bool:
+        """
+        RFC 9110 section 7.6.2: answer TRACE and OPTIONS ourselves when
+        C{Max-Forwards} is 0, else count it down.
+
+        @return: C{True} when answered here.
+        """
+        request = exchange.request
+        values = request.requestHeaders.getRawHeaders(b"max-forwards")
+        if not values or not values[-1].strip().isdigit():
+            return False
+        remaining = int(values[-1].strip())
+        if remaining > 0:
+            request.requestHeaders.setRawHeaders(b"max-forwards", [str(remaining - 1).encode()])
+            return False
+        if exchange.access.method == "TRACE":
+            lines = [request.method + b" " + request.uri + b" " + request.clientproto]
+            for name, vals in request.requestHeaders.getAllRawHeaders():
+                for value in vals:
+                    lines.append(name + b": " + value)
+            body = b"\r\n".join(lines) + b"\r\n\r\n"
+            request.setResponseCode(200)
+            request.responseHeaders.setRawHeaders(b"content-type", [b"message/http"])
+        else:
+            body = b""
+            request.setResponseCode(200)
+            request.responseHeaders.setRawHeaders(b"allow", [_ALLOW])
+        request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        request.responseHeaders.removeHeader(b"server")
+        request.responseHeaders.addRawHeader(b"via", self.via)
+        request.write(body)
+        request.finish()
+        self._log(exchange, "TCP_MISS", 200, len(body), "HIER_NONE", "-")
+        return True
 
     # -- CONNECT ------------------------------------------------------------
 
@@ -297,52 +644,84 @@ class CachingProxyResource(Resource):
                                client, "CONNECT", text, started)
 
         def done(status: int, size: int) -> None:
-            self._log(access, "TCP_TUNNEL", status, size, "HIER_DIRECT", host, started)
+            self._logLine(access, "TCP_TUNNEL", status, size, "HIER_DIRECT", host, started)
 
         startTunnel(request, host, port, self._reactor, onDone=done)
         return NOT_DONE_YET
 
-    # -- hits ---------------------------------------------------------------
+    # -- lookups --------------------------------------------------------------
 
-    def _cachedOrFetch(self, request: Any, access: AccessRequest, started: float) -> None:
-        requestCC = parseCacheControl(request.requestHeaders.getRawHeaders(b"cache-control"))
-        noCache = "no-cache" in requestCC or (
-            b"no-cache" in b",".join(request.requestHeaders.getRawHeaders(b"pragma", []))
-        )
-        key = cacheKey(access.url)
-        if noCache or "no-store" in requestCC:
-            if "only-if-cached" in requestCC:
-                self._error(request, 504, "Gateway Timeout", "Not in cache (only-if-cached).",
-                            access.client, access.method, access.url, started, code="TCP_MISS")
-                return
-            self._forward(request, access, started, cacheable="no-store" not in requestCC)
+    def _storageKey(self, exchange: _Exchange) -> str:
+        known = self._vary.get(exchange.key)
+        if known is None:
+            return exchange.key
+        return varyKey(exchange.key, known[0], exchange.headerMap())
+
+    def _lookupFailed(self, f: Failure, exchange: _Exchange) -> None:
+        log.failure("store lookup failed for {url}", f, url=exchange.access.url)
+        exchange.code = "TCP_SWAPFAIL_MISS"
+        self._miss(exchange, collapse=False)
+
+    def _found(self, entry: Any, exchange: _Exchange, collapse: bool) -> None:
+        """
+        A store lookup finished: serve a hit, revalidate, or fetch.
+        """
+        if exchange.gone:
             return
+        exchange.entry = entry
+        if entry is None:
+            self._miss(exchange, collapse)
+            return
+        meta = entry.meta
+        requestCC = exchange.requestCC
+        now = self._reactor.seconds()
+        if not requestCC and meta.freshUntil > now and not exchange.header(b"authorization"):
+            # The hot path: a fresh hit for a plain request.
+            self._serveHit(exchange, entry, meta, now, "TCP_HIT")
+            return
+        if exchange.header(b"authorization"):
+            storedCC = _storedCC(meta)
+            if not ("public" in storedCC or "s-maxage" in storedCC or "must-revalidate" in storedCC):
+                # RFC 9111 3.5: not for requests with credentials.
+                exchange.entry = None
+                self._miss(exchange, collapse)
+                return
+        onlyIfCached = "only-if-cached" in requestCC
+        if "no-cache" in requestCC and not onlyIfCached:
+            exchange.code = "TCP_CLIENT_REFRESH_MISS"
+            self._revalidate(exchange, entry, collapse)
+            return
+        if self._usable(meta, requestCC, now):
+            self._serveHit(exchange, entry, meta, now, "TCP_HIT")
+            return
+        if onlyIfCached:
+            self._gatewayTimeout(exchange, "The object is not in the cache or is stale (only-if-cached).")
+            return
+        storedCC = _storedCC(meta)
+        window = deltaSeconds(storedCC.get("stale-while-revalidate"))
+        if (
+            window is not None
+            and now - meta.freshUntil <= window
+            and not _mustRevalidate(storedCC)
+            and "no-cache" not in requestCC
+            and "max-age" not in requestCC
+            and "min-fresh" not in requestCC
+        ):
+            # RFC 5861: serve it stale and revalidate in the background.
+            self._serveHit(exchange, entry, meta, now, "TCP_HIT")
+            self._backgroundRevalidate(exchange, entry)
+            return
+        exchange.code = "TCP_REFRESH_MODIFIED"
+        self._revalidate(exchange, entry, collapse)
 
-        def found(entry: Any) -> None:
-            now = self._reactor.seconds()
-            if entry is not None and self._fresh(entry.meta, requestCC, now):
-                self._serveHit(request, access, entry, started, now)
-            elif "only-if-cached" in requestCC:
-                self._error(request, 504, "Gateway Timeout", "Not in cache (only-if-cached).",
-                            access.client, access.method, access.url, started, code="TCP_MISS")
-            elif not self.access.allowMiss(access):
-                self._error(request, 403, "Forbidden", "This cache does not fetch misses for you.",
-                            access.client, access.method, access.url, started, code="TCP_DENIED")
-            else:
-                self._forward(request, access, started, cacheable=True)
-
-        self.store.get(key).addCallback(found).addErrback(
-            lambda f: self._internalError(request, access, started, f)
-        )
-
-    def _fresh(self, meta: StoredResponse, requestCC: dict[str, Optional[str]], now: float) -> bool:
+    def _usable(self, meta: StoredResponse, requestCC: dict[str, Optional[str]], now: float) -> bool:
         """
         Whether a stored response may be served without revalidation for
-        this request (RFC 9111 section 4.2 and 5.2.1).
+        this request (RFC 9111 sections 4.2 and 5.2.1).
         """
         remaining = meta.freshUntil - now
         maxAge = deltaSeconds(requestCC.get("max-age"))
-        if maxAge is not None and self._age(meta, now) > maxAge:
+        if maxAge is not None and _age(meta, now) > maxAge:
             return False
         minFresh = deltaSeconds(requestCC.get("min-fresh"))
         if minFresh is not None and remaining < minFresh:
@@ -350,49 +729,190 @@ class CachingProxyResource(Resource):
         if remaining > 0:
             return True
         if "max-stale" in requestCC:
-            responseCC = parseCacheControl([v for k, v in meta.headers if k == b"cache-control"])
-            if "must-revalidate" in responseCC or "proxy-revalidate" in responseCC or "no-cache" in responseCC:
+            storedCC = _storedCC(meta)
+            if _mustRevalidate(storedCC) or "no-cache" in storedCC:
                 return False
             stale = requestCC["max-stale"]
-            return stale is None or -remaining <= (deltaSeconds(stale) or 0)
+            if stale is None:
+                return True
+            limit = deltaSeconds(stale)
+            return limit is not None and -remaining <= limit
         return False
 
-    def _age(self, meta: StoredResponse, now: float) -> float:
-        ageHeader = meta.header(b"age")
-        date = httpDate(meta.header(b"date"))
-        initial = correctedInitialAge(ageHeader, date, meta.requestTime, meta.responseTime)
-        return initial + (now - meta.responseTime)
+    # -- hits ---------------------------------------------------------------
 
-    def _serveHit(self, request: Any, access: AccessRequest, entry: Any, started: float, now: float) -> None:
-        meta = entry.meta
-        request.setResponseCode(meta.status, meta.reason)
-        out = request.responseHeaders
-        for name, value in meta.headers:
-            out.addRawHeader(name, value)
-        out.setRawHeaders(b"age", [str(int(self._age(meta, now))).encode()])
-        out.setRawHeaders(b"content-length", [str(entry.size).encode()])
-        out.addRawHeader(b"via", self.via)
-        out.setRawHeaders(b"x-cache", [self.xCacheHit])
-        size = entry.size if access.method == "GET" else 0
+    def _hitTemplate(self, meta: StoredResponse, size: int) -> tuple[Any, Headers, int, str]:
+        """
+        What every hit on C{meta} shares, computed once per stored response:
+        C{(meta, headers, initialAge, contentType)}, where C{headers} are the
+        response headers apart from C{Age} (and C{Date} when none is
+        stored), to be copied with L{_copyHeaders}.
+        """
+        cached = self._templates.get(id(meta))
+        if cached is not None and cached[0] is meta:
+            return cached
+        else:
+            template = Headers()
+            for name, value in meta.headers:
+                if name != b"age":
+                    template.addRawHeader(name, value)
+            if meta.status not in _NO_BODY:
+                template.setRawHeaders(b"content-length", [str(size).encode()])
+            template.addRawHeader(b"via", self.via)
+            template.setRawHeaders(b"x-cache", [self.xCacheHit])
+            stored = meta.header(b"age")
+            initialAge = int(stored) if stored is not None and stored.isdigit() else 0
+            contentType = (meta.header(b"content-type") or b"-").decode("latin-1")
+            if len(self._templates) >= _TEMPLATES_MAX:
+                self._templates.clear()
+            cached = self._templates[id(meta)] = (meta, template, initialAge, contentType)
+            return cached
+
+    def _serveHit(self, exchange: _Exchange, entry: Any, meta: StoredResponse, now: float, code: str) -> None:
+        request = exchange.request
+        if request is None or exchange.gone:
+            return
+        status = meta.status
+        _, template, initialAge, contentType = self._hitTemplate(meta, entry.size)
+        out = _copyHeaders(template)
+        if not out.hasHeader(b"date"):
+            out.setRawHeaders(b"date", request.responseHeaders.getRawHeaders(b"date", []))
+        inm = exchange.header(b"if-none-match")
+        ims = exchange.header(b"if-modified-since")
+        if (inm or ims) and status == 200 and notModified(
+            inm, ims[-1] if ims else None, meta.header(b"etag"), meta.header(b"last-modified"),
+            meta.header(b"date"),
+        ):
+            status = 304
+            code = "TCP_INM_HIT" if inm else "TCP_IMS_HIT"
+            for name in (b"content-type", b"content-encoding", b"content-language", b"content-length"):
+                out.removeHeader(name)
+        request.responseHeaders = out
+        request.setResponseCode(status, meta.reason if status == meta.status else b"Not Modified")
+        _setAge(out, b"%d" % (initialAge + max(0.0, now - meta.responseTime),))
+        if exchange.access.method == "HEAD" or status in _NO_BODY:
+            request.finish()
+            self._log(exchange, code, status, 0, "HIER_NONE", "-", contentType=contentType)
+            return
 
         def done(_: Any) -> None:
-            request.finish()
-            self._log(access, "TCP_HIT", meta.status, size, "HIER_NONE", "-", started, meta)
+            if not request._disconnected:
+                request.finish()
+            self._log(exchange, code, status, entry.size, "HIER_NONE", "-", contentType=contentType)
 
         def failed(f: Failure) -> None:
             log.failure("reading a cached object failed", f)
-            request.channel.transport.abortConnection()
+            _abort(request)
 
-        if access.method == "HEAD":
+        d = entry.writeTo(request)
+        if _hasValue(d):
             done(None)
         else:
-            entry.writeTo(request).addCallbacks(done, failed)
+            d.addCallbacks(done, failed)
 
-    # -- misses and other methods -----------------------------------------
+    # -- misses -----------------------------------------------------------
 
-    def _forward(self, request: Any, access: AccessRequest, started: float, cacheable: bool) -> None:
+    def _miss(self, exchange: _Exchange, collapse: bool) -> None:
+        if "only-if-cached" in exchange.requestCC:
+            self._gatewayTimeout(exchange, "The object is not in the cache (only-if-cached).")
+            return
+        if not self.access.allowMiss(exchange.access):
+            self._error(exchange.request, 403, "Forbidden", "This cache does not fetch misses for you.",
+                        exchange.access.client, exchange.access.method, exchange.access.url,
+                        exchange.started, code="TCP_DENIED")
+            return
+        self._fetch(exchange, None, collapse)
+
+    def _revalidate(self, exchange: _Exchange, entry: Any, collapse: bool) -> None:
+        if not self.access.allowMiss(exchange.access):
+            self._error(exchange.request, 403, "Forbidden", "This cache does not fetch misses for you.",
+                        exchange.access.client, exchange.access.method, exchange.access.url,
+                        exchange.started, code="TCP_DENIED")
+            return
+        meta = entry.meta
+        if exchange.access.method == "HEAD":
+            # A HEAD's answer cannot refresh or replace a stored GET.
+            self._fetch(exchange, None, collapse)
+            return
+        conditional = meta.header(b"etag") is not None or meta.header(b"last-modified") is not None
+        self._fetch(exchange, entry, collapse, conditional)
+
+    def _backgroundRevalidate(self, exchange: _Exchange, entry: Any) -> None:
+        if exchange.key in self._inflight:
+            return
+        background = _Exchange(None, exchange.access, exchange.started)
+        background.key = exchange.key
+        background.storageKey = exchange.storageKey
+        background.code = "TCP_REFRESH_MODIFIED"
+        background._headerMap = exchange.headerMap()
+        headers = Headers()
+        if exchange.request is not None:
+            for name, values in endToEndHeaders(exchange.request.requestHeaders):
+                if name not in _CONDITIONALS and name not in _FRAMING and name != b"cache-control":
+                    headers.setRawHeaders(name, values)
+        _addValidators(headers, entry.meta)
+        fetch = _Fetch(self, background, entry, conditional=True, background=True)
+        self._inflight[exchange.key] = fetch
+        self._startFetch(fetch, headers)
+
+    def _collapsible(self, exchange: _Exchange) -> bool:
+        """
+        Whether C{exchange} may share a fetch with others: a GET whose
+        response could be stored and shared (no credentials, no range, no
+        no-store, and no conditional of the client's own that would be
+        forwarded as it is).
+        """
+        request = exchange.request
+        return (
+            request is not None
+            and exchange.access.method == "GET"
+            and "no-store" not in exchange.requestCC
+            and not request.requestHeaders.hasHeader(b"authorization")
+            and not request.requestHeaders.hasHeader(b"range")
+            and (
+                exchange.entry is not None
+                or not (
+                    request.requestHeaders.hasHeader(b"if-none-match")
+                    or request.requestHeaders.hasHeader(b"if-modified-since")
+                )
+            )
+        )
+
+    def _fetch(self, exchange: _Exchange, revalidating: Any, collapse: bool, conditional: bool = False) -> None:
+        """
+        Fetch for C{exchange}: join a fetch in flight for the same URL, or
+        start one (with the validators of C{revalidating}, a stale stored
+        object, when C{conditional}).
+        """
+        collapsible = collapse and self._collapsible(exchange)
+        if collapsible:
+            inflight = self._inflight.get(exchange.key)
+            if inflight is not None and inflight.joinable:
+                exchange.collapsed = True
+                inflight.followers.append(exchange)
+                exchange.request.notifyFinish().addErrback(lambda _: _markGone(exchange))
+                return
+        fetch = _Fetch(self, exchange, revalidating, conditional)
+        if collapsible and exchange.key not in self._inflight:
+            self._inflight[exchange.key] = fetch
+        request = exchange.request
+        headers = Headers()
+        for name, values in endToEndHeaders(request.requestHeaders):
+            if name not in _FRAMING:
+                headers.setRawHeaders(name, values)
+        if conditional:
+            for name in _CONDITIONALS:
+                headers.removeHeader(name)
+            _addValidators(headers, revalidating.meta)
+        request.notifyFinish().addErrback(lambda _: _markGone(exchange))
+        self._startFetch(fetch, headers)
+
+    def _startFetch(self, fetch: _Fetch, headers: Headers) -> None:
+        exchange = fetch.leader
+        access = exchange.access
+        headers.addRawHeader(b"via", self.via)
         policy = self.access.directPolicy(access)
-        if policy == "always":
+        if policy == "always" or self._looped(exchange):
             d: Deferred[Any] = maybeDeferred(lambda: [_DIRECT])
         else:
             neighbours = [
@@ -401,169 +921,431 @@ class CachingProxyResource(Resource):
             d = maybeDeferred(self.selector.selectRoutes, access, neighbours, self.mesh.icp)
             if policy == "never":
                 d.addCallback(lambda routes: [r for r in routes if r.neighbour is not None])
-        d.addCallback(lambda routes: self._tryRoutes(request, access, list(routes), started, cacheable))
-        d.addErrback(lambda f: self._internalError(request, access, started, f))
 
-    def _tryRoutes(
-        self, request: Any, access: AccessRequest, routes: list[Any], started: float, cacheable: bool
-    ) -> None:
-        if not routes:
-            self._error(request, 503, "Service Unavailable",
-                        "No route to fetch this from (no parent is up and going direct is not allowed).",
-                        access.client, access.method, access.url, started)
+        def routed(routes: Any) -> None:
+            fetch.routes = list(routes)
+            self._tryRoutes(fetch, headers)
+
+        d.addCallback(routed)
+        d.addErrback(self._fetchCrashed, fetch)
+
+    def _looped(self, exchange: _Exchange) -> bool:
+        """
+        Whether our name is in the request's C{Via}: a forwarding loop
+        among caches, broken by going direct (as Squid does).
+        """
+        values = exchange.header(b"via")
+        if not values:
+            return False
+        for value in values:
+            for hop in value.split(b","):
+                words = hop.split()
+                if len(words) >= 2 and words[1].lower() == self._viaName:
+                    return True
+        return False
+
+    def _tryRoutes(self, fetch: _Fetch, headers: Headers) -> None:
+        exchange = fetch.leader
+        if not fetch.routes:
+            self._fetchFailed(fetch, None, 503, "Service Unavailable",
+                              "No route to fetch this from (no parent is up and going direct "
+                              "is not allowed).")
             return
-        route = routes.pop(0)
-        headers = Headers()
-        for name, values in endToEndHeaders(request.requestHeaders):
-            headers.setRawHeaders(name, values)
-        headers.addRawHeader(b"via", self.via)
+        route = fetch.routes.pop(0)
+        sent = headers
         if route.onlyIfCached:
-            cc = headers.getRawHeaders(b"cache-control", [])
-            headers.setRawHeaders(b"cache-control", [b", ".join(cc + [b"only-if-cached"])])
-        if request.method in (b"GET", b"HEAD"):
-            body = None
-        else:
-            request.content.seek(0)
-            body = FileBodyProducer(request.content, cooperator=_cooperator(self._reactor))
+            sent = headers.copy()
+            cc = list(sent.getRawHeaders(b"cache-control", []))
+            sent.setRawHeaders(b"cache-control", [b", ".join(cc + [b"only-if-cached"])])
+        request = exchange.request
+        body = None
+        if request is not None and exchange.access.method not in ("GET", "HEAD") and _hasBody(request):
+            body = FileBodyProducer(_BodyReader(request.content), cooperator=_cooperator(self._reactor))
+        method = exchange.access.method.encode("latin-1") if request is None else request.method
+        url = exchange.access.url.encode("latin-1")
         requestTime = self._reactor.seconds()
-        d = self.upstream.fetch(route.neighbour, request.method, request.uri, headers, body)
+        d = self.upstream.fetch(route.neighbour, method, url, sent, body)
 
-        def gotResponse(response: IResponse) -> None:
-            if route.neighbour is not None:
-                self.mesh.noteFetchSucceeded(route.neighbour)
-            else:
-                self.mesh.noteFetchSucceeded(None)
-            if route.onlyIfCached and response.code == 504 and routes:
+        def gotResponse(response: Any) -> None:
+            self.mesh.noteFetchSucceeded(route.neighbour)
+            if route.onlyIfCached and response.code == 504 and fetch.routes:
                 # The sibling no longer has it: try the next route.
                 response.deliverBody(_Discard())
-                self._tryRoutes(request, access, routes, started, cacheable)
+                self._tryRoutes(fetch, headers)
                 return
-            self._relay(request, access, route, response, requestTime, started, cacheable)
+            self._gotResponse(fetch, route, response, requestTime)
 
         def failed(f: Failure) -> None:
             if f.check(ConnectError, DNSLookupError, TimeoutError) or _isConnectFailure(f):
                 self.mesh.noteFetchFailed(route.neighbour)
-            if routes:
-                self._tryRoutes(request, access, routes, started, cacheable)
+            if fetch.routes:
+                self._tryRoutes(fetch, headers)
                 return
             timedOut = f.check(TimeoutError) is not None
-            self._error(
-                request,
+            self._fetchFailed(
+                fetch, route,
                 504 if timedOut else 502,
                 "Gateway Timeout" if timedOut else "Bad Gateway",
                 f"Could not fetch the object: {f.getErrorMessage()}",
-                access.client, access.method, access.url, started,
-                code="TCP_MISS", route=route,
             )
 
         d.addCallbacks(gotResponse, failed)
-        d.addErrback(lambda f: self._internalError(request, access, started, f))
+        d.addErrback(self._fetchCrashed, fetch)
 
-    def _relay(
-        self,
-        request: Any,
-        access: AccessRequest,
-        route: Any,
-        response: IResponse,
-        requestTime: float,
-        started: float,
-        cacheable: bool,
-    ) -> None:
+    def _fetchCrashed(self, f: Failure, fetch: _Fetch) -> None:
+        log.failure("proxy error for {url}", f, url=fetch.leader.access.url)
+        self._release(fetch)
+        for exchange in fetch.clients():
+            request = exchange.request
+            if exchange.gone or request is None or request.finished:
+                continue
+            if request.startedWriting:
+                _abort(request)
+            else:
+                self._error(request, 500, "Internal Server Error", "The proxy failed.",
+                            exchange.access.client, exchange.access.method, exchange.access.url,
+                            exchange.started, code="NONE")
+
+    def _release(self, fetch: _Fetch) -> list[_Exchange]:
+        """
+        Stop followers joining C{fetch}.
+
+        @return: the followers.
+        """
+        fetch.joinable = False
+        key = fetch.leader.key
+        if self._inflight.get(key) is fetch:
+            del self._inflight[key]
+        return fetch.followers
+
+    def _retry(self, followers: list[_Exchange]) -> None:
+        """
+        Let followers of a fetch whose response they cannot share look up
+        again, without joining another fetch.
+        """
+        for exchange in followers:
+            if exchange.gone:
+                continue
+            exchange.collapsed = False
+            exchange.storageKey = self._storageKey(exchange)
+            self.store.get(exchange.storageKey).addCallbacks(
+                self._found, self._lookupFailed, (exchange, False), None, (exchange,)
+            )
+
+    def _fetchFailed(self, fetch: _Fetch, route: Any, status: int, reason: str, detail: str) -> None:
+        followers = self._release(fetch)
+        exchange = fetch.leader
+        if fetch.background:
+            log.warn("background revalidation of {url} failed: {detail}", url=exchange.access.url, detail=detail)
+        elif not exchange.gone:
+            if fetch.revalidating is not None and self._staleIfError(exchange, fetch.revalidating):
+                pass
+            else:
+                if fetch.revalidating is not None and _mustRevalidate(_storedCC(fetch.revalidating.meta)):
+                    status, reason = 504, "Gateway Timeout"
+                self._error(exchange.request, status, reason, detail, exchange.access.client,
+                            exchange.access.method, exchange.access.url, exchange.started,
+                            code="TCP_MISS", route=route)
+        self._retry(followers)
+
+    def _staleIfError(self, exchange: _Exchange, entry: Any) -> bool:
+        """
+        RFC 5861 section 4: serve the stale response when revalidation
+        failed and C{stale-if-error} (in the response or the request) still
+        allows it.
+
+        @return: C{True} when the stale response was served.
+        """
+        meta = entry.meta
+        storedCC = _storedCC(meta)
+        if _mustRevalidate(storedCC):
+            return False
+        now = self._reactor.seconds()
+        staleness = now - meta.freshUntil
+        for cc in (exchange.requestCC, storedCC):
+            window = deltaSeconds(cc.get("stale-if-error"))
+            if window is not None and staleness <= window:
+                self._serveHit(exchange, entry, meta, now, "TCP_REFRESH_FAIL_OLD")
+                return True
+        return False
+
+    # -- responses ----------------------------------------------------------
+
+    def _gotResponse(self, fetch: _Fetch, route: Any, response: Any, requestTime: float) -> None:
+        exchange = fetch.leader
         responseTime = self._reactor.seconds()
-        headerPairs = endToEndHeaders(response.headers)
-        request.setResponseCode(response.code, response.phrase)
-        out = request.responseHeaders
-        for name, values in headerPairs:
-            out.setRawHeaders(name, values)
-        out.addRawHeader(b"via", self.via)
-        out.setRawHeaders(b"x-cache", [self.xCacheMiss])
-        length = response.length if isinstance(response.length, int) else None
-        if length is not None and access.method != "HEAD":
-            out.setRawHeaders(b"content-length", [str(length).encode()])
-
+        code = response.code
+        access = exchange.access
         method = access.method
-        key = cacheKey(access.url)
-        if method not in ("GET", "HEAD"):
-            # Unsafe methods invalidate the URL and its Location (RFC 9111 4.4).
-            if 200 <= response.code < 400:
-                self.store.delete(key)
-                for name in (b"location", b"content-location"):
-                    for value in response.headers.getRawHeaders(name, []):
-                        target = value.decode("latin-1")
-                        if target.startswith(("http://", "https://")):
-                            self.store.delete(cacheKey(target))
+        headerPairs = endToEndHeaders(response.headers)
+        entry = fetch.revalidating
+
+        if entry is not None and fetch.conditional and code == 304:
+            response.deliverBody(_Discard())
+            self._refreshed(fetch, route, entry, headerPairs, requestTime, responseTime)
+            return
+        if (
+            entry is not None
+            and code in _ERROR_STATUSES
+            and not fetch.background
+            and not exchange.gone
+            and self._staleIfError(exchange, entry)
+        ):
+            response.deliverBody(_Discard())
+            self._retry(self._release(fetch))
+            return
+
+        if method not in ("GET", "HEAD") and 200 <= code < 400:
+            # Unsafe methods invalidate the URL and the same-origin URLs in
+            # Location and Content-Location (RFC 9111 section 4.4).
+            self._invalidate(exchange.key)
+            for name in (b"location", b"content-location"):
+                for value in response.headers.getRawHeaders(name, []):
+                    target = invalidationTarget(access.url, value)
+                    if target is not None:
+                        self._invalidate(cacheKey(target))
+
         writer = None
-        if cacheable and method == "GET" and not getattr(route.neighbour, "proxyOnly", False):
-            writer = self._writerFor(request, access, response, key, headerPairs, requestTime,
-                                     responseTime, length)
+        storageKey = exchange.storageKey
+        if method == "GET" and not getattr(route.neighbour, "proxyOnly", False):
+            storageKey, writer = self._writerFor(exchange, response, headerPairs, requestTime, responseTime)
+        if entry is not None and writer is None and method == "GET" and code < 500:
+            # The old object was replaced by something not storable.
+            self._invalidate(exchange.key)
+
+        followers = self._release(fetch)
+        sharing: list[_Exchange] = []
+        if writer is not None and followers:
+            known = self._vary.get(exchange.key)
+            names = known[0] if known is not None else ()
+            retry = []
+            for follower in followers:
+                if follower.gone:
+                    continue
+                if names and varyKey(exchange.key, names, follower.headerMap()) != storageKey:
+                    retry.append(follower)
+                else:
+                    sharing.append(follower)
+            self._retry(retry)
+        else:
+            self._retry(followers)
+
+        clients = ([] if fetch.background or exchange.gone else [exchange]) + sharing
+        length = response.length if isinstance(response.length, int) else None
+        for client in clients:
+            request = client.request
+            request.setResponseCode(code, response.phrase)
+            out = request.responseHeaders
+            out.removeHeader(b"server")
+            for name, values in headerPairs:
+                out.setRawHeaders(name, values)
+            out.addRawHeader(b"via", self.via)
+            out.setRawHeaders(b"x-cache", [self.xCacheMiss])
+            if length is not None and method != "HEAD" and code not in _NO_BODY and code >= 200:
+                out.setRawHeaders(b"content-length", [str(length).encode()])
 
         hierarchy = ("TIMEOUT_" if route.timedOut else "") + route.code
-        peer = route.neighbour.host if route.neighbour is not None else access.host
-        done: Deferred[int] = Deferred()
-        relay = _BodyRelay(self, request, writer, done)
-        request.notifyFinish().addErrback(lambda _: _clientGone(relay))
+        peer = _peerName(route, access)
+        contentType = _contentType(response.headers)
+
+        def done(reason: Optional[Failure], size: int) -> None:
+            if reason is not None:
+                log.warn(
+                    "upstream body for {url} broke off after {size} bytes: {error}",
+                    url=access.url, size=size, error=reason.getErrorMessage(),
+                )
+            logged = clients if not fetch.background else [exchange]
+            for client in logged:
+                logCode = "TCP_CF_MISS" if client.collapsed else client.code
+                if reason is not None:
+                    logCode += "_ABORTED"
+                self._log(client, logCode, code, size, hierarchy, peer, contentType=contentType)
+
+        relay = _Relay(self, clients, writer, done)
+        for client in clients:
+            client.request.notifyFinish().addErrback(lambda _, c=client: relay.clientLost(c))
         response.deliverBody(relay)
-        done.addCallback(
-            lambda size: self._log(access, "TCP_MISS", response.code, size, hierarchy, peer,
-                                   started, None, _contentType(response.headers))
+
+    def _refreshed(
+        self,
+        fetch: _Fetch,
+        route: Any,
+        entry: Any,
+        headerPairs: list[tuple[bytes, Sequence[bytes]]],
+        requestTime: float,
+        responseTime: float,
+    ) -> None:
+        """
+        A 304 answered our conditional request: update the stored headers
+        and freshness (RFC 9111 section 4.3.4) and serve the stored body.
+        """
+        exchange = fetch.leader
+        old = entry.meta
+        fresh = [(name, value) for name, values in headerPairs for value in values]
+        # The old corrected age does not apply to the new response.
+        headers = updatedHeaders([(n, v) for n, v in old.headers if n != b"age"], fresh)
+        meta = self._meta(old.status, old.reason, headers, requestTime, responseTime, old.size)
+        if meta is None:
+            meta = StoredResponse(old.status, old.reason, headers, requestTime, responseTime,
+                                  responseTime, old.size)
+        d = self.store.updateMeta(exchange.storageKey, meta)
+
+        def updated(_: Any) -> None:
+            followers = self._release(fetch)
+            if fetch.background:
+                self._logLine(exchange.access, "TCP_REFRESH_UNMODIFIED", 304, 0,
+                              route.code, _peerName(route, exchange.access), exchange.started)
+            elif not exchange.gone:
+                self._serveHit(exchange, entry, meta, self._reactor.seconds(), "TCP_REFRESH_UNMODIFIED")
+            self._retry(followers)
+
+        def failed(f: Failure) -> None:
+            log.failure("updating stored headers failed", f)
+            updated(None)
+
+        d.addCallbacks(updated, failed)
+
+    def _meta(
+        self,
+        status: int,
+        reason: bytes,
+        headers: tuple[tuple[bytes, bytes], ...],
+        requestTime: float,
+        responseTime: float,
+        size: Optional[int],
+    ) -> Optional[StoredResponse]:
+        """
+        The L{StoredResponse} for a response with these headers, with its
+        C{Age} header replaced by the corrected initial age and
+        C{freshUntil} computed (RFC 9111 sections 4.2.1 and 4.2.3).
+
+        @return: C{None} when the response is stale at once and has no
+            validator, so storing it would be useless.
+        """
+        date = expires = lastModified = ageHeader = None
+        hasValidator = False
+        ccValues = []
+        for name, value in headers:
+            if name == b"cache-control":
+                ccValues.append(value)
+            elif name == b"date":
+                date = value
+            elif name == b"expires":
+                expires = value
+            elif name == b"last-modified":
+                lastModified = value
+                hasValidator = True
+            elif name == b"age":
+                ageHeader = value
+            elif name == b"etag":
+                hasValidator = True
+        cc = parseCacheControl(ccValues)
+        dateTime = httpDate(date)
+        lifetime = freshnessLifetime(status, cc, dateTime, expires, httpDate(lastModified), responseTime)
+        age = correctedInitialAge(ageHeader, dateTime, requestTime, responseTime)
+        freshUntil = responseTime + lifetime - age
+        if "no-cache" in cc:
+            freshUntil = min(freshUntil, responseTime)
+        if freshUntil <= responseTime and not hasValidator:
+            return None
+        kept = tuple(
+            (name, value) for name, value in headers if name not in (b"age", b"content-length")
+        ) + ((b"age", str(int(age)).encode()),)
+        return StoredResponse(
+            status=status,
+            reason=reason,
+            headers=kept,
+            requestTime=requestTime,
+            responseTime=responseTime,
+            freshUntil=freshUntil,
+            size=size,
         )
 
     def _writerFor(
         self,
-        request: Any,
-        access: AccessRequest,
-        response: IResponse,
-        key: str,
-        headerPairs: list[tuple[bytes, list[bytes]]],
+        exchange: _Exchange,
+        response: Any,
+        headerPairs: list[tuple[bytes, Sequence[bytes]]],
         requestTime: float,
         responseTime: float,
-        length: Optional[int],
-    ) -> Any:
+    ) -> tuple[str, Any]:
+        """
+        Decide whether to store C{response} and start writing it.
+
+        @return: the storage key and the writer, or C{None} as the writer.
+        """
         h = response.headers
+        key = exchange.storageKey
+        names = varyNames(h.getRawHeaders(b"vary"))
+        if names is None:
+            return key, None
         responseCC = parseCacheControl(h.getRawHeaders(b"cache-control"))
-        requestCC = parseCacheControl(request.requestHeaders.getRawHeaders(b"cache-control"))
-        lastModified = httpDate((h.getRawHeaders(b"last-modified") or [None])[-1])
-        expires = (h.getRawHeaders(b"expires") or [None])[-1]
-        if b"*" in b",".join(h.getRawHeaders(b"vary", [])):
-            return None
-        if h.getRawHeaders(b"vary"):
-            # Secondary keys are not implemented yet: do not store.
-            return None
         if not mayStore(
-            access.method,
+            exchange.access.method,
             response.code,
-            requestCC,
+            exchange.requestCC,
             responseCC,
-            request.requestHeaders.hasHeader(b"authorization"),
-            expires is not None,
-            lastModified is not None,
+            exchange.request is not None and exchange.request.requestHeaders.hasHeader(b"authorization"),
+            h.hasHeader(b"expires"),
         ):
-            return None
-        if "no-cache" in responseCC:
-            return None
-        if not self.access.allowStore(access):
-            return None
-        date = httpDate((h.getRawHeaders(b"date") or [None])[-1])
-        lifetime = freshnessLifetime(response.code, responseCC, date, expires, lastModified, responseTime)
-        if lifetime <= 0:
-            return None
-        age = correctedInitialAge((h.getRawHeaders(b"age") or [None])[-1], date, requestTime, responseTime)
-        meta = StoredResponse(
-            status=response.code,
-            reason=response.phrase,
-            headers=tuple((name, value) for name, values in headerPairs for value in values
-                          if name not in (b"age", b"content-length")),
-            requestTime=requestTime,
-            responseTime=responseTime,
-            freshUntil=responseTime + lifetime - age,
-            size=length,
+            return key, None
+        if not self.access.allowStore(exchange.access):
+            return key, None
+        length = response.length if isinstance(response.length, int) else None
+        meta = self._meta(
+            response.code,
+            response.phrase,
+            tuple((name, value) for name, values in headerPairs for value in values),
+            requestTime,
+            responseTime,
+            length,
         )
+        if meta is None:
+            return key, None
+        primary = exchange.key
+        if names:
+            known = self._vary.get(primary)
+            if known is None or known[0] != names:
+                # New or changed Vary: older variants (and a response
+                # stored without Vary) must not be selected any more.
+                self._forgetVariants(primary)
+                self.store.delete(primary)
+                if len(self._vary) >= _VARY_INDEX_MAX:
+                    self._forgetVariants(next(iter(self._vary)))
+                known = self._vary[primary] = (names, set())
+            key = varyKey(primary, names, exchange.headerMap())
+            known[1].add(key)
+        else:
+            self._forgetVariants(primary)
+            key = primary
+        exchange.storageKey = key
         try:
-            return self.store.begin(key, meta)
+            return key, self.store.begin(key, meta)
         except ObjectTooLarge:
-            return None
+            return key, None
+
+    def _invalidate(self, key: str) -> None:
+        """
+        Remove what is stored for the primary key C{key}, variants included.
+        """
+        self.store.delete(key)
+        self._forgetVariants(key)
+
+    def _forgetVariants(self, key: str) -> None:
+        """
+        Remove the variants stored under the primary key C{key} and forget
+        its Vary names.
+        """
+        known = self._vary.pop(key, None)
+        if known is not None:
+            for variant in known[1]:
+                self.store.delete(variant)
 
     # -- errors and logs ------------------------------------------------------
+
+    def _gatewayTimeout(self, exchange: _Exchange, detail: str) -> None:
+        self._error(exchange.request, 504, "Gateway Timeout", detail, exchange.access.client,
+                    exchange.access.method, exchange.access.url, exchange.started, code="TCP_MISS")
 
     def _error(
         self,
@@ -578,39 +1360,53 @@ class CachingProxyResource(Resource):
         code: str = "TCP_DENIED",
         route: Any = None,
     ) -> bytes:
-        from html import escape
-
+        """
+        Answer with a short html error page and log it.
+        """
+        if request is None or request.finished or request._disconnected:
+            return NOT_DONE_YET  # type: ignore[return-value]
         body = _ERROR_PAGE.format(
             code=status, reason=reason, detail=escape(detail), version=__version__,
             host=escape(self.visibleHostname),
         ).encode()
         request.setResponseCode(status, reason.encode())
+        request.responseHeaders.removeHeader(b"server")
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
         request.responseHeaders.setRawHeaders(b"x-cache", [self.xCacheMiss])
         request.responseHeaders.addRawHeader(b"via", self.via)
-        if status in (403, 400, 501):
-            code = "TCP_DENIED" if status == 403 else "NONE"
+        if status == 403:
+            code = "TCP_DENIED"
+        elif status in (400, 413, 431, 501):
+            code = "NONE"
         hierarchy = "HIER_NONE"
         if route is not None:
             hierarchy = ("TIMEOUT_" if route.timedOut else "") + route.code
-        self._log(_Simple(client, method, url), code, status, len(body), hierarchy, "-", started)
+        self._logLine(_Simple(client, method, url), code, status, len(body), hierarchy, "-", started,
+                      "text/html")
         if request.method != b"HEAD":
             request.write(body)
         request.finish()
         return NOT_DONE_YET  # type: ignore[return-value]
 
-    def _internalError(self, request: Any, access: AccessRequest, started: float, f: Failure) -> None:
-        log.failure("proxy error for {url}", f, url=access.url)
-        if request.finished or request._disconnected:
-            return
-        if request.startedWriting:
-            request.channel.transport.abortConnection()
-            return
-        self._error(request, 500, "Internal Server Error", "The proxy failed.",
-                    access.client, access.method, access.url, started, code="NONE")
-
     def _log(
+        self,
+        exchange: _Exchange,
+        code: str,
+        status: int,
+        size: int,
+        hierarchy: str,
+        peer: str,
+        meta: Any = None,
+        contentType: str = "-",
+    ) -> None:
+        if self.accessLog is None:
+            return
+        if meta is not None:
+            contentType = (meta.header(b"content-type") or b"-").decode("latin-1")
+        self._logLine(exchange.access, code, status, size, hierarchy, peer, exchange.started, contentType)
+
+    def _logLine(
         self,
         access: Any,
         code: str,
@@ -619,13 +1415,10 @@ class CachingProxyResource(Resource):
         hierarchy: str,
         peer: str,
         started: float,
-        meta: Any = None,
         contentType: str = "-",
     ) -> None:
         if self.accessLog is None:
             return
-        if meta is not None:
-            contentType = (meta.header(b"content-type") or b"-").decode("latin-1")
         elapsed = int((self._reactor.seconds() - started) * 1000)
         self.accessLog.logRequest(access.client, code, status, size, access.method, access.url,
                                   hierarchy, peer, contentType, elapsed)
@@ -638,14 +1431,6 @@ class _Simple:
         self.url = url
 
 
-class _Discard(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        pass
-
-
 class _DirectRoute:
     neighbour = None
     code = "HIER_DIRECT"
@@ -656,19 +1441,204 @@ class _DirectRoute:
 _DIRECT = _DirectRoute()
 
 
-def _clientGone(relay: _BodyRelay) -> None:
-    relay.clientGone = True
+def _hasValue(d: Deferred[Any]) -> bool:
+    """
+    Whether C{d} has already fired with a value (not a failure, not
+    another Deferred) that can be read from C{d.result} at once.  Reading
+    it so is a shortcut for stores that answer from memory; C{d} is left
+    holding its result, which is harmless for a value.
+    """
+    return (
+        d.called
+        and not d.paused
+        and not isinstance(d.result, (Failure, Deferred))
+    )
+
+
+def _canonicalName(name: bytes) -> bytes:
+    """
+    The key under which this Twisted's L{Headers} stores C{name}.
+    """
+    probe = Headers()
+    probe.setRawHeaders(name, [b""])
+    raw = getattr(probe, "_rawHeaders", {})
+    return next(iter(raw), name)
+
+
+_AGE_KEY = _canonicalName(b"age")
+
+
+def _setAge(headers: Headers, value: bytes) -> None:
+    """
+    Set C{Age} on headers made by L{_copyHeaders}.
+    """
+    raw = getattr(headers, "_rawHeaders", None)
+    if isinstance(raw, dict):
+        raw[_AGE_KEY] = [value]
+    else:  # pragma: no cover - other Twisted versions
+        headers.setRawHeaders(b"age", [value])
+
+
+def _copyHeaders(template: Headers) -> Headers:
+    """
+    A copy of C{template} that shares its value lists: callers only replace
+    whole headers (C{setRawHeaders}, C{removeHeader}) on the copy, never
+    append to them.
+    """
+    raw = getattr(template, "_rawHeaders", None)
+    if not isinstance(raw, dict):  # pragma: no cover - other Twisted versions
+        return template.copy()
+    copy = Headers.__new__(Headers)
+    copy._rawHeaders = dict(raw)
+    return copy
+
+
+class _RequestHeaders(Mapping[str, str]):
+    """
+    The request headers for L{AccessRequest.headers}: the last value of
+    each, by lower-case text name, decoded only when asked for.
+    """
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: Headers) -> None:
+        self._headers = headers
+
+    def __getitem__(self, name: str) -> str:
+        values = self._headers.getRawHeaders(name.encode("latin-1"))
+        if not values:
+            raise KeyError(name)
+        return values[-1].decode("latin-1")
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1").lower() for name, _ in self._headers.getAllRawHeaders())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._headers.getAllRawHeaders())
+
+
+_urlCache: dict[str, Optional[tuple[str, str, int, str]]] = {}
+
+
+def _urlParts(url: str) -> Optional[tuple[str, str, int, str]]:
+    """
+    The scheme, host, port and path (with query) of an absolute URL, as
+    L{AccessRequest.fromURL} computes them, remembered per URL (bounded);
+    C{None} when it cannot be parsed.
+    """
+    parts = _urlCache.get(url, False)
+    if parts is not False:
+        return parts  # type: ignore[return-value]
     try:
-        relay.request.unregisterProducer()
-    except Exception:
+        request = AccessRequest.fromURL("", "", url)
+    except ValueError:
+        parts = None
+    else:
+        parts = (request.scheme, request.host, request.port, request.path)
+    if len(_urlCache) >= 65536:
+        _urlCache.clear()
+    _urlCache[url] = parts
+    return parts
+
+
+def _headerSize(headers: Headers) -> int:
+    """
+    The size of a header section as sent (names, values, ": " and CRLF).
+    """
+    return sum(len(name) + len(value) + 4 for name, values in headers.getAllRawHeaders() for value in values)
+
+
+def _storedCC(meta: StoredResponse) -> dict[str, Optional[str]]:
+    return parseCacheControl([v for k, v in meta.headers if k == b"cache-control"])
+
+
+def _mustRevalidate(cc: dict[str, Optional[str]]) -> bool:
+    """
+    Whether a stale response must not be served without revalidation by a
+    shared cache (C{s-maxage} implies C{proxy-revalidate}).
+    """
+    return "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
+
+
+def _age(meta: StoredResponse, now: float) -> float:
+    """
+    The current age of a stored response whose C{Age} header holds its
+    corrected initial age (as L{CachingProxyResource._meta} stores it).
+    """
+    stored = meta.header(b"age")
+    initial = int(stored) if stored is not None and stored.isdigit() else 0
+    return initial + max(0.0, now - meta.responseTime)
+
+
+def _addValidators(headers: Headers, meta: StoredResponse) -> None:
+    """
+    Make C{headers} a conditional request for the stored response C{meta}.
+    """
+    etag = meta.header(b"etag")
+    lastModified = meta.header(b"last-modified")
+    if etag is not None:
+        headers.setRawHeaders(b"if-none-match", [etag])
+    if lastModified is not None:
+        headers.setRawHeaders(b"if-modified-since", [lastModified])
+
+
+def _markGone(exchange: _Exchange) -> None:
+    exchange.gone = True
+
+
+def _abort(request: Any) -> None:
+    """
+    Drop a client's connection without finishing its response, so that it
+    cannot take a truncated body for a complete one.
+    """
+    channel = request.channel
+    if channel is not None and channel.transport is not None:
+        channel.transport.abortConnection()
+
+
+def _hasBody(request: Any) -> bool:
+    """
+    Whether a request came with a non-empty body.
+    """
+    content = request.content
+    if content is None:
+        return False
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size > 0
+
+
+class _BodyReader:
+    """
+    A request body as a file for L{FileBodyProducer}: reads end when
+    C{twisted.web} has already closed the body (the response came first),
+    and closing is left to C{twisted.web}.
+    """
+
+    def __init__(self, content: Any) -> None:
+        self._content = content
+
+    def read(self, size: int = -1) -> bytes:
+        if self._content.closed:
+            return b""
+        return self._content.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._content.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._content.tell()
+
+    def close(self) -> None:
         pass
-    transport = relay.transport
-    if transport is not None and hasattr(transport, "resumeProducing"):
-        # Keep reading so the object can still be stored.
-        try:
-            transport.resumeProducing()
-        except Exception:
-            pass
+
+
+def _peerName(route: Any, access: Any) -> str:
+    """
+    The host for the access log's hierarchy field.
+    """
+    return route.neighbour.host if route.neighbour is not None else access.host
 
 
 def _clientAddress(request: Any) -> str:
