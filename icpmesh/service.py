@@ -48,8 +48,19 @@ class ProxySite(Site):
     twistd log, on the hit path) is switched off.
     """
 
+    #: Largest request header section the HTTP channel reads; the proxy
+    #: answers 431 above its own, smaller or equal, limit.
+    maxHeaderBytes = 16384
+
     def log(self, request: Any) -> None:
         pass
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = Site.buildProtocol(self, addr)
+        if channel is not None:
+            # Room for the proxy's own limit plus the request line.
+            channel.totalHeadersSize = self.maxHeaderBytes + 8192
+        return channel
 
 
 def _isIPv6(address: str) -> bool:
@@ -225,11 +236,14 @@ def makeMeshService(
         reactor=reactor,
         accessLog=accessLog,
         connectPorts=_connectPorts(config),
+        maxRequestHeaderSize=int(config.setting("request_header_max_size", 64 * 1024)),
+        maxRequestBodySize=config.setting("request_body_max_size"),
     )
     top.site = None
     httpsPorts = [_parseHTTPSPort(d) for d in config.setting("https_port", [])]
     if config.httpPort is not None or httpsPorts:
         site = ProxySite(top.proxy, reactor=reactor)
+        site.maxHeaderBytes = top.proxy.maxRequestHeaderSize
         site.displayTracebacks = False
         top.site = site
     for number, (address, port, tlsOptions) in enumerate(httpsPorts):

@@ -82,3 +82,21 @@ class ServiceTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, makeMeshService,
                               parseConfig("store memory colour=blue\n", "f.conf"), FakeUDPReactor())
         self.assertTrue(str(e).startswith("f.conf:1: "))
+
+
+class LimitsTests(SynchronousTestCase):
+    """
+    Request size limits from the config reach the proxy and its channel.
+    """
+
+    def test_limits(self) -> None:
+        """
+        request_header_max_size and request_body_max_size configure the
+        proxy; the HTTP channel reads enough to let the proxy answer 431.
+        """
+        svc = makeMeshService(parseConfig(
+            "http_port 127.0.0.1:0\nrequest_header_max_size 32 KB\nrequest_body_max_size 1 MB\n", "t"),
+            reactor=FakeUDPReactor())
+        self.assertEqual((svc.proxy.maxRequestHeaderSize, svc.proxy.maxRequestBodySize), (32768, 1024**2))
+        channel = svc.site.buildProtocol(None)
+        self.assertGreater(channel.totalHeadersSize, 32768)
