@@ -8,7 +8,9 @@ No I/O and no clock: callers pass times (reactor seconds).
 
 from __future__ import annotations
 
-from email.utils import parsedate_to_datetime
+import calendar
+import re
+
 from typing import Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -110,16 +112,63 @@ def deltaSeconds(value: Optional[str]) -> Optional[int]:
     return min(int(value), 2**31)
 
 
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"),
+        1,
+    )
+}
+_MON = rb"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
+_IMF_FIXDATE = re.compile(
+    rb"^(?:mon|tue|wed|thu|fri|sat|sun), (\d\d) " + _MON + rb" (\d{4}) (\d\d):(\d\d):(\d\d) gmt$",
+    re.I,
+)
+_RFC850_DATE = re.compile(
+    rb"^(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday), (\d\d)-" + _MON
+    + rb"-(\d\d) (\d\d):(\d\d):(\d\d) gmt$",
+    re.I,
+)
+_ASCTIME_DATE = re.compile(
+    rb"^(?:mon|tue|wed|thu|fri|sat|sun) " + _MON + rb" ([ \d]\d) (\d\d):(\d\d):(\d\d) (\d{4})$",
+    re.I,
+)
+
+
 def httpDate(value: Optional[bytes]) -> Optional[float]:
     """
-    Parse an HTTP date to a POSIX timestamp, or C{None}.
+    Parse an HTTP date (RFC 9110 section 5.6.7: IMF-fixdate, or the obsolete
+    RFC 850 and asctime forms; names case-insensitive) to a POSIX timestamp.
+
+    @return: the time, or C{None} for anything else - recipients must treat
+        an invalid date as absent (or, for C{Expires}, as already expired),
+        never guess.
     """
     if not value:
         return None
+    text = value.strip()
+    match = _IMF_FIXDATE.match(text)
+    if match is not None:
+        day, month, year, hour, minute, second = match.groups()
+    else:
+        match = _RFC850_DATE.match(text)
+        if match is not None:
+            day, month, year, hour, minute, second = match.groups()
+            # Two-digit years: RFC 9110 says to pick the most recent past
+            # year with those digits; 70-99 is 19xx, 00-69 is 20xx.
+            year = (b"19" if int(year) >= 70 else b"20") + year
+        else:
+            match = _ASCTIME_DATE.match(text)
+            if match is None:
+                return None
+            month, day, hour, minute, second, year = match.groups()
     try:
-        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+        fields = (int(year), _MONTHS[month.lower()], int(day), int(hour), int(minute), int(second))
+    except (KeyError, ValueError):
         return None
+    if not (1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
+        return None
+    return float(calendar.timegm(fields + (0, 0, 0)))
 
 
 def mayStore(
@@ -208,7 +257,9 @@ def correctedInitialAge(
     apparent = max(0.0, responseTime - date) if date is not None else 0.0
     age = 0.0
     if ageHeader is not None:
-        text = ageHeader.decode("latin-1").strip()
+        # The first member of the first Age line; an invalid one is ignored
+        # (RFC 9111 section 5.1).
+        text = ageHeader.split(b",", 1)[0].decode("latin-1").strip()
         if text.isdigit():
             age = float(text)
     corrected = age + (responseTime - requestTime)

@@ -1231,12 +1231,14 @@ class CachingProxyResource(Resource):
             elif name == b"date":
                 date = value
             elif name == b"expires":
-                expires = value
+                # Two Expires lines make it invalid: treat as expired.
+                expires = value if expires is None else b"invalid"
             elif name == b"last-modified":
                 lastModified = value
                 hasValidator = True
             elif name == b"age":
-                ageHeader = value
+                if ageHeader is None:
+                    ageHeader = value
             elif name == b"etag":
                 hasValidator = True
         cc = parseCacheControl(ccValues)

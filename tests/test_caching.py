@@ -324,3 +324,34 @@ class UpdateTests(SynchronousTestCase):
         self.assertIsNone(invalidationTarget(base, b"http://b.test/q"))
         self.assertIsNone(invalidationTarget(base, b"https://a.test/q"))
         self.assertIsNone(invalidationTarget(base, b"http://a.test:81/q"))
+
+
+class StrictDateTests(SynchronousTestCase):
+    """
+    httpDate accepts exactly the three HTTP-date forms.
+    """
+
+    def test_forms(self) -> None:
+        """
+        IMF-fixdate, RFC 850 and asctime give the same instant; names are
+        case-insensitive; anything else is None.
+        """
+        from icpmesh.caching import httpDate
+
+        same = 784111777.0
+        for good in (b"Sun, 06 Nov 1994 08:49:37 GMT", b"Sunday, 06-Nov-94 08:49:37 GMT",
+                     b"Sun Nov  6 08:49:37 1994", b"sun, 06 NOV 1994 08:49:37 gmt"):
+            self.assertEqual(httpDate(good), same, good)
+        for bad in (b"Sun, 06 Nov 1994 08:49:37 AEST", b"06 Nov 1994", b"Sun, 6 Nov 1994 08:49:37 GMT",
+                    b"Sun, 06 Nov 1994 25:49:37 GMT", b"Sun, 06 Foo 1994 08:49:37 GMT", b"", b"0", b"-1"):
+            self.assertIsNone(httpDate(bad), bad)
+
+    def test_ageFirstMember(self) -> None:
+        """
+        Only the first member of an Age list counts; an invalid one is
+        ignored.
+        """
+        from icpmesh.caching import correctedInitialAge
+
+        self.assertEqual(correctedInitialAge(b"30, 60", None, 0.0, 0.0), 30.0)
+        self.assertEqual(correctedInitialAge(b"abc", None, 0.0, 0.0), 0.0)
