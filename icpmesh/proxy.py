@@ -514,6 +514,8 @@ class CachingProxyResource(Resource):
         self._vary: dict[str, tuple[tuple[str, ...], set[str]]] = {}
         # primary key -> the fetch in flight for it
         self._inflight: dict[str, _Fetch] = {}
+        #: Origin-form paths the node answers itself, path -> resource.
+        self.localResources: dict[bytes, Resource] = {}
 
     # -- entry ------------------------------------------------------------
 
@@ -527,6 +529,13 @@ class CachingProxyResource(Resource):
             return self._connect(request, client, started)
         lowered = uri[:8].lower()
         if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+            local = self.localResources.get(uri.split(b"?", 1)[0])
+            if local is not None and self.access.allowHTTP(
+                AccessRequest(client=client, method=method, url=uri.decode("latin-1"),
+                              scheme="http", host="", port=0, path=uri.decode("latin-1"))
+            ):
+                # The node's own pages (e.g. the CARP membership table).
+                return local.render(request)
             return self._error(request, 400, "Bad Request",
                                "This is a proxy: send an absolute URL (GET http://host/path).",
                                client, method, uri.decode("latin-1"), started)

@@ -40,6 +40,11 @@ from icpmesh.server import FailureRatio, ICPResponder
 
 log = Logger()
 
+#: Where a node using the C{carp} selector publishes its array membership
+#: table (draft-vinod-carp-v1-03 section 2), as an origin-form request to the
+#: proxy port: C{curl http://node:3128/carp}.
+CARP_TABLE_PATH = b"/carp"
+
 
 class ProxySite(Site):
     """
@@ -239,6 +244,16 @@ def makeMeshService(
         maxRequestHeaderSize=int(config.setting("request_header_max_size", 64 * 1024)),
         maxRequestBodySize=config.setting("request_body_max_size"),
     )
+    selector = components.selector
+    if service.IService.providedBy(selector):
+        selector.setServiceParent(top)
+    tableResource = getattr(selector, "tableResource", None)
+    if tableResource is None and config.plugins["selector"].name == "carp":
+        from icpmesh.selectors import CARPTableResource
+
+        tableResource = CARPTableResource(selector, top.mesh.neighbours)
+    if tableResource is not None:
+        top.proxy.localResources[CARP_TABLE_PATH] = tableResource
     top.site = None
     httpsPorts = [_parseHTTPSPort(d) for d in config.setting("https_port", [])]
     if config.httpPort is not None or httpsPorts:

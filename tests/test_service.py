@@ -100,3 +100,32 @@ class LimitsTests(SynchronousTestCase):
         self.assertEqual((svc.proxy.maxRequestHeaderSize, svc.proxy.maxRequestBodySize), (32768, 1024**2))
         channel = svc.site.buildProtocol(None)
         self.assertGreater(channel.totalHeadersSize, 32768)
+
+
+class CARPWiringTests(SynchronousTestCase):
+    """
+    A node with the carp selector publishes its membership table.
+    """
+
+    def test_tableServed(self) -> None:
+        """
+        GET /carp on the proxy port returns the array membership table
+        naming every member.
+        """
+        from twisted.internet.testing import StringTransport
+
+        svc = makeMeshService(parseConfig(
+            "http_port 127.0.0.1:0\nselector carp\n"
+            "cache_peer 127.0.0.11 parent 3128 0 carp name=p1\n"
+            "cache_peer 127.0.0.12 parent 3128 0 carp name=p2 weight=2\n", "t"),
+            reactor=FakeUDPReactor())
+        channel = svc.site.buildProtocol(None)
+        transport = StringTransport()
+        from twisted.internet.address import IPv4Address
+        transport.getPeer = lambda: IPv4Address("TCP", "127.0.0.1", 5555)  # type: ignore[method-assign]
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /carp HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = transport.value()
+        self.assertIn(b" 200 ", response.split(b"\r\n", 1)[0])
+        self.assertIn(b"p1", response)
+        self.assertIn(b"p2", response)

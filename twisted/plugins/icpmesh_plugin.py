@@ -11,6 +11,14 @@ from twisted.application.service import ServiceMaker
 
 from icpmesh.acl import aclPlugin
 from icpmesh.selection import icpSelectorPlugin
+from icpmesh.selectors import (
+    carpSelectorPlugin,
+    firstUpSelectorPlugin,
+    roundsSelectorPlugin,
+    rrSelectorPlugin,
+    sourcehashSelectorPlugin,
+    wrrSelectorPlugin,
+)
 from icpmesh.storage.memory import memoryStorePlugin
 
 icpmesh = ServiceMaker(
@@ -20,4 +28,15 @@ icpmesh = ServiceMaker(
     "icpmesh",
 )
 
-__all__ = ["icpmesh", "aclPlugin", "icpSelectorPlugin", "memoryStorePlugin"]
+__all__ = [
+    "icpmesh",
+    "aclPlugin",
+    "icpSelectorPlugin",
+    "carpSelectorPlugin",
+    "firstUpSelectorPlugin",
+    "roundsSelectorPlugin",
+    "rrSelectorPlugin",
+    "sourcehashSelectorPlugin",
+    "wrrSelectorPlugin",
+    "memoryStorePlugin",
+]
