@@ -629,7 +629,10 @@ class RuleList:
         if answer is None:
             answer = self.check(_Check(client, None))
             if len(cache) >= self._cacheSize:
-                del cache[next(iter(cache))]
+                # Answers are cheap to recompute: start again rather than
+                # evict one by one (deleting a plain dict's first key after
+                # churn is slow).
+                cache.clear()
             cache[client] = answer
         return answer
 

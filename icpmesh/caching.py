@@ -40,6 +40,21 @@ def cacheKey(url: str) -> str:
     key = _keyCache.get(url)
     if key is not None:
         return key
+    if url.startswith("http://") and "#" not in url:
+        # Fast path: most URLs (and every URL Squid sends over ICP) are
+        # already normal - lower-case host, no user info, no default port.
+        slash = url.find("/", 7)
+        if slash > 7:
+            authority = url[7:slash]
+            if (
+                "@" not in authority
+                and not authority.endswith(":80")
+                and authority == authority.lower()
+            ):
+                if len(_keyCache) >= _KEY_CACHE_MAX:
+                    _keyCache.clear()
+                _keyCache[url] = url
+                return url
     try:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()

@@ -186,8 +186,11 @@ class ICPProtocol(DatagramProtocol):
         self._nextReqnum = 1
         self.groups = tuple(groups)
         self._ttl: Optional[int] = None
+        self._sendto: Optional[Callable[[bytes, Any], Any]] = None
 
     def startProtocol(self) -> None:
+        sock = getattr(self.transport, "socket", None)
+        self._sendto = getattr(sock, "sendto", None)
         for group in self.groups:
             self.transport.joinGroup(group).addErrback(
                 lambda f, group=group: log.error(
@@ -240,7 +243,13 @@ class ICPProtocol(DatagramProtocol):
                     return
                 if reply is not None:
                     try:
-                        self.transport.write(reply, address)
+                        # The socket's own sendto: Twisted's write re-checks
+                        # the address on every call.
+                        sendto = self._sendto
+                        if sendto is not None:
+                            sendto(reply, address)
+                        else:
+                            self.transport.write(reply, address)
                     except OSError as e:
                         self._sendFailed(address, e)
                     else:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional, Union
 from urllib.parse import quote
 
@@ -206,7 +206,7 @@ class ICPResponder:
         self.counters: Counter[str] = Counter()
         self.counts: dict[int, int] = {op: 0 for op in _LOG_CODES}
         # client address -> [replies, denied, cutoffUntil]
-        self._clients: dict[str, list[float]] = {}
+        self._clients: OrderedDict[str, list[float]] = OrderedDict()
         # URL bytes -> (url, cache key), or (escaped URL, None) when bad
         self._urls: dict[bytes, tuple[Any, Optional[str]]] = {}
 
@@ -249,7 +249,9 @@ class ICPResponder:
             clients = self._clients
             if len(clients) >= MAX_TRACKED_CLIENTS:
                 # Forget the oldest; a spoofing flood cannot grow this.
-                del clients[next(iter(clients))]
+                # (popitem on an OrderedDict is O(1); deleting the first key
+                # of a plain dict that has churned is not.)
+                clients.popitem(last=False)
             state = clients[client] = [0, 0, 0.0]
         if state[2]:
             if self._reactor.seconds() < state[2]:
@@ -309,7 +311,9 @@ class ICPResponder:
             known = (url, cacheKey(url))
         urls = self._urls
         if len(urls) >= MAX_KNOWN_URLS:
-            del urls[next(iter(urls))]
+            # Start again: cheaper than evicting one by one, and the
+            # popular URLs come straight back.
+            urls.clear()
         urls[urlBytes] = known
         return known
 

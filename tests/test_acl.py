@@ -580,19 +580,19 @@ class FastPathTests(SynchronousTestCase):
 
     def test_bounded(self) -> None:
         """
-        The per-client dict never holds more than its size; the oldest
-        client is forgotten first, and answers stay right.
+        The per-client dict never holds more than its size (it starts
+        again when full), and answers stay right.
         """
         access = AccessControl()
         icp = access.lists["icp_access"]
         for i in range(MAX_CACHED_CLIENTS + 100):
             client = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
             self.assertTrue(access.allowICP(client, "http://x/"))
-        self.assertEqual(len(icp._cache), MAX_CACHED_CLIENTS)
+            self.assertLessEqual(len(icp._cache), MAX_CACHED_CLIENTS)
         self.assertNotIn("10.0.0.0", icp._cache)
         self.assertFalse(access.allowICP("8.8.8.8", "http://x/"))
-        self.assertEqual(len(icp._cache), MAX_CACHED_CLIENTS)
         self.assertIn("8.8.8.8", icp._cache)
+        self.assertTrue(access.allowICP("10.0.0.0", "http://x/"))
 
     def test_httpClientOnlyCached(self) -> None:
         """
