@@ -30,11 +30,11 @@ from icpmesh.interfaces import StoredResponse
 #: entry object, its slots in the index dicts, the metadata object and its
 #: header tuples, the float of the freshness index).  Measured with
 #: C{benchmarks/store_memory.py}; see C{docs/storage.md}.
-ENTRY_OVERHEAD = 560
+ENTRY_OVERHEAD = 540
 
 #: Bytes charged per response header on top of its name and value (the
 #: tuple and the two C{bytes} objects).
-HEADER_OVERHEAD = 130
+HEADER_OVERHEAD = 150
 
 
 def metaCost(meta: StoredResponse) -> int:

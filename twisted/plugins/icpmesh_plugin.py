@@ -19,6 +19,7 @@ from icpmesh.selectors import (
     sourcehashSelectorPlugin,
     wrrSelectorPlugin,
 )
+from icpmesh.storage.disk import diskStorePlugin, tieredStorePlugin
 from icpmesh.storage.memory import memoryStorePlugin
 
 icpmesh = ServiceMaker(
@@ -38,5 +39,7 @@ __all__ = [
     "rrSelectorPlugin",
     "sourcehashSelectorPlugin",
     "wrrSelectorPlugin",
+    "diskStorePlugin",
+    "tieredStorePlugin",
     "memoryStorePlugin",
 ]
