@@ -29,10 +29,13 @@ See C{docs/proxy.md} for the rules in full and the access-log codes.
 
 from __future__ import annotations
 
+import ipaddress
+
 from html import escape
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -47,7 +50,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -143,6 +146,37 @@ def endToEndHeaders(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     ]
 
 
+@implementer(IAgentEndpointFactory)
+class _OriginEndpoints:
+    """
+    Endpoints for origin servers: a plain TCP endpoint for an address
+    literal over http (no name lookup in a thread for C{127.0.0.1}), the
+    standard endpoint (host name lookup, verified TLS) otherwise.
+    """
+
+    def __init__(self, reactor: Any, connectTimeout: float) -> None:
+        from twisted.web.client import BrowserLikePolicyForHTTPS, _StandardEndpointFactory
+
+        self._reactor = reactor
+        self._connectTimeout = connectTimeout
+        self._standard = _StandardEndpointFactory(
+            reactor, BrowserLikePolicyForHTTPS(), connectTimeout, None
+        )
+
+    def endpointForURI(self, uri: Any) -> Any:
+        if uri.scheme == b"http":
+            host = uri.host.decode("ascii", "replace")
+            try:
+                version = ipaddress.ip_address(host).version
+            except ValueError:
+                version = 0
+            if version == 4:
+                return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._connectTimeout)
+            if version == 6:
+                return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._connectTimeout)
+        return self._standard.endpointForURI(uri)
+
+
 class Upstream:
     """
     Fetches from origins and neighbours with C{twisted.web.client} over one
@@ -157,9 +191,13 @@ class Upstream:
         """
         self._reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 16
+        # Enough idle connections per origin that a burst of misses does not
+        # keep opening new ones (each costs a connect, and a lookup).
+        self.pool.maxPersistentPerHost = 128
         self.connectTimeout = connectTimeout
-        self._direct = Agent(reactor, pool=self.pool, connectTimeout=connectTimeout)
+        self._direct = Agent.usingEndpointFactory(
+            reactor, _OriginEndpoints(reactor, connectTimeout), pool=self.pool
+        )
         self._proxies: dict[Any, ProxyAgent] = {}
 
     def agentFor(self, neighbour: Any) -> Any:
