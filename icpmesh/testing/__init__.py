@@ -8,8 +8,6 @@ Public test helpers for icpmesh and for authors of icpmesh plugins.
     object store plugin should pass.
   - L{icpmesh.testing.origin}: a fake origin server resource that counts the
     requests it gets.
-  - L{icpmesh.testing.mesh}: helpers to build nodes and neighbours from
-    config text on a fake reactor.
 
 Nothing here opens a real socket.
 """
