@@ -430,6 +430,32 @@ class IICPClient(Interface):
 class IPeerSelector(Interface):
     """
     Decides where a request is fetched from.
+
+    A selector returns an ordered list of L{Route}s: each names a neighbour
+    (or C{None} for the origin) and the Squid hierarchy code that explains
+    the choice; the proxy tries them in order until one answers.  It may
+    ask neighbours over ICP through the client it is handed, and never
+    opens sockets of its own.  For example, "the first parent that says
+    HIT, else the first parent":
+
+        @implementer(IPeerSelector)
+        class FirstParentHit:
+            def selectRoutes(self, request, neighbours, icp):
+                parents = [n for n in neighbours
+                           if n.typeFor(request.host) == "parent"]
+                if not parents:
+                    return [DIRECT]
+
+                def ranked(round):
+                    hit = round.hit
+                    routes = [Route(hit.neighbour, "PARENT_HIT")] if hit else []
+                    return routes + [Route(p, "FIRSTUP_PARENT")
+                                     for p in parents if not hit or p is not hit.neighbour]
+
+                return icp.query(request.url, parents).addCallback(ranked)
+
+    See C{docs/tutorial-selector-plugin.md} for a complete plugin,
+    packaged and tested.
     """
 
     def selectRoutes(
