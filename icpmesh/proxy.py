@@ -146,6 +146,33 @@ def endToEndHeaders(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     ]
 
 
+def neighbourTLSOptions(neighbour: Any) -> Any:
+    """
+    Verified TLS options toward a neighbour's HTTP port: its certificate
+    must match C{tls-domain=} (default: its host) and chain to
+    C{tls-cafile=} (default: the system's trust roots); C{tls-cert=} and
+    C{tls-key=} give a client certificate.
+    """
+    from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+
+    config = getattr(neighbour, "config", None)
+    values = getattr(config, "values", None) or {}
+    domain = values.get("tls-domain", neighbour.host)
+    trustRoot = None
+    if values.get("tls-cafile"):
+        with open(values["tls-cafile"], "rb") as f:
+            trustRoot = Certificate.loadPEM(f.read())
+    clientCertificate = None
+    if values.get("tls-cert"):
+        with open(values["tls-cert"], "rb") as f:
+            pem = f.read()
+        if values.get("tls-key"):
+            with open(values["tls-key"], "rb") as f:
+                pem += b"\n" + f.read()
+        clientCertificate = PrivateCertificate.loadPEM(pem)
+    return optionsForClientTLS(domain, trustRoot=trustRoot, clientCertificate=clientCertificate)
+
+
 @implementer(IAgentEndpointFactory)
 class _OriginEndpoints:
     """
@@ -222,12 +249,8 @@ class Upstream:
             )
             if getattr(neighbour, "tls", False):
                 from twisted.internet.endpoints import wrapClientTLS
-                from twisted.internet.ssl import optionsForClientTLS
 
-                config = getattr(neighbour, "config", None)
-                values = getattr(config, "values", None) or {}
-                domain = values.get("tls-domain", neighbour.host)
-                endpoint = wrapClientTLS(optionsForClientTLS(domain), endpoint)
+                endpoint = wrapClientTLS(neighbourTLSOptions(neighbour), endpoint)
             agent = self._proxies[neighbour] = ProxyAgent(endpoint, self._reactor, pool=self.pool)
         return agent
 

@@ -71,3 +71,64 @@ class HTTPSPortTests(SynchronousTestCase):
         config = parseConfig("https_port 127.0.0.1:0\n", "f.conf")
         e = self.assertRaises(ConfigError, makeMeshService, config, FakeUDPReactor())
         self.assertIn("https_port needs cert=FILE", str(e))
+
+
+class NeighbourTLSTests(SynchronousTestCase):
+    """
+    TLS to a neighbour's HTTP port (cache_peer ... tls).
+    """
+
+    def test_parentOverTLS(self) -> None:
+        """
+        A child node reaches its parent's TLS port, verifying the parent's
+        certificate against tls-cafile; with the wrong CA the fetch fails
+        with 502 rather than going over an unverified connection.
+        """
+        import socket
+
+        from tests.nodelab import waitFor
+
+        cert, key = selfSigned(os.path.abspath(self.mktemp()))
+        otherCert, _ = selfSigned(os.path.abspath(self.mktemp()))
+        origin = Origin()
+        self.addCleanup(origin.stop)
+        tlsPort = freePort(address="127.0.0.21")
+        parent = Node(self.mktemp(), address="127.0.0.21",
+                      config=f"https_port 127.0.0.21:{tlsPort} cert={cert} key={key}\naccess_log access.log\n")
+        self.addCleanup(parent.stop)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.21", tlsPort), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        self.assertTrue(waitFor(listening, 10))
+
+        def child(ca: str) -> Node:
+            node = Node(self.mktemp(), address="127.0.0.22", config=(
+                f"cache_peer 127.0.0.21 parent {tlsPort} 0 no-query tls tls-cafile={ca} "
+                "tls-domain=127.0.0.1 name=parent\n"
+                "acl all_requests src 0.0.0.0/0 ::/0\nnever_direct allow all_requests\n"))
+            self.addCleanup(node.stop)
+            return node
+
+        good = child(cert)
+        url = origin.url("/via-tls-parent")
+        result = curl(url, proxy=f"http://127.0.0.22:{good.httpPort}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.endswith(b"body of /via-tls-parent"), result.stdout)
+        self.assertEqual(origin.counts["/via-tls-parent"], 1)
+
+        def logged() -> bool:
+            with open(os.path.join(parent.workdir, "access.log")) as f:
+                return url in f.read()
+
+        self.assertTrue(waitFor(logged, 5), "the parent did not serve it")
+        good.stop()
+
+        bad = child(otherCert)
+        result = curl(origin.url("/unverified"), proxy=f"http://127.0.0.22:{bad.httpPort}")
+        self.assertIn(b" 502 ", result.stdout.split(b"\r\n", 1)[0])
+        self.assertNotIn("/unverified", origin.counts)
