@@ -160,6 +160,18 @@ def parentFallbacks(
     return routes
 
 
+def hitRoute(hit: Any, host: str, timedOut: bool) -> Route:
+    """
+    The route for an ICP HIT: C{PARENT_HIT}, or C{SIBLING_HIT} with
+    C{only-if-cached} (unless the sibling has C{allow-miss}), so a sibling
+    cannot turn our request into a miss it fetches for us.
+    """
+    n = hit.neighbour
+    kind = n.typeFor(host)
+    code = "PARENT_HIT" if kind == "parent" else "SIBLING_HIT"
+    return Route(n, code, timedOut, onlyIfCached=kind == "sibling" and not n.allowMiss)
+
+
 @implementer(IPeerSelector)
 class ICPSelector:
     """
@@ -212,13 +224,8 @@ class ICPSelector:
             routes.extend(parentFallbacks(request, candidates, self.deadTimeout, used))
             return routes
         if hit is not None:
-            n = hit.neighbour
-            kind = n.typeFor(host)
-            code = "PARENT_HIT" if kind == "parent" else "SIBLING_HIT"
-            routes.append(
-                Route(n, code, timedOut, onlyIfCached=kind == "sibling" and not n.allowMiss)
-            )
-            used.add(n)
+            routes.append(hitRoute(hit, host, timedOut))
+            used.add(hit.neighbour)
         closest = None
         first = None
         firstScore = 0.0

@@ -69,7 +69,7 @@ from icpmesh.carp import (
 from icpmesh.config import ConfigError, NeighbourConfig, parseListen
 from icpmesh.interfaces import DIRECT, AccessRequest, IPeerSelector, IPeerSelectorPlugin, Route
 from icpmesh.neighbours import Neighbour
-from icpmesh.selection import SelectorPolicy, parentFallbacks
+from icpmesh.selection import SelectorPolicy, hitRoute, parentFallbacks
 
 log = Logger()
 
@@ -928,13 +928,8 @@ class RoundsSelector:
             routes.extend(parentFallbacks(request, candidates, self.deadTimeout, used))
             return routes
         if hit is not None:
-            n = hit.neighbour
-            kind = n.typeFor(host)
-            code = "PARENT_HIT" if kind == "parent" else "SIBLING_HIT"
-            routes.append(
-                Route(n, code, timedOut, onlyIfCached=kind == "sibling" and not n.allowMiss)
-            )
-            used.add(n)
+            routes.append(hitRoute(hit, host, timedOut))
+            used.add(hit.neighbour)
         if self.noHit == NO_HIT_FIRST_PARENT:
             for r in rounds:
                 first = self.firstParent(r, host, used)
