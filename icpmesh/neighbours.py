@@ -196,6 +196,13 @@ class Neighbour:
             log.info("Detected REVIVED {type}: {name}", type=self.type, name=self.name)
         self.tcpFailures = 0
 
+    @property
+    def groupCounted(self) -> bool:
+        """
+        Multicast groups: whether at least one member count has finished.
+        """
+        return self._timesCounted > 0
+
     def noteGroupCount(self, replies: int) -> None:
         """
         Multicast groups: fold one probe's reply count into the moving

@@ -253,7 +253,14 @@ class ICPClient:
             if n.type == "multicast":
                 # One datagram per group, one TTL per round: the largest.
                 ttl = max(ttl, n.ttl)
-                expected += int(n.expectedReplies)
+                if n.groupCounted:
+                    expected += int(n.expectedReplies)
+                else:
+                    # Before the first member count (10 s after start),
+                    # Squid expects no reply and so never waits for the
+                    # group.  We wait for up to every configured member
+                    # instead; the round ends at the timeout or on a HIT.
+                    expected += sum(1 for m in neighbours if m.multicastResponder)
                 if up:
                     expectedFrom.append(n)
                 continue

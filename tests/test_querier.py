@@ -169,6 +169,36 @@ class QuerierTests(SynchronousTestCase):
         self.assertEqual(len(a.queries), 1)
         self.assertIsNone(result.hit)
 
+    def test_multicastBeforeFirstCount(self) -> None:
+        """
+        Before the first member count, a group is expected to answer with
+        every configured responder (Squid expects none and does not wait):
+        a HIT from the slower member is still waited for and used.  After a
+        count that found one member, one reply completes the round.
+        """
+        ps = neighbours(self.reactor,
+                        "cache_peer 224.0.1.20 multicast 3128 3130 ttl=4\n"
+                        "cache_peer 127.0.0.2 sibling 3128 3130 multicast-responder\n"
+                        "cache_peer 127.0.0.3 sibling 3128 3130 multicast-responder\n")
+        group = ps[0]
+        self.assertFalse(group.groupCounted)
+        fast = FakeICPNeighbour(self.reactor, ("127.0.0.2", 3130), icp.Opcode.MISS, delay=0.01)
+        slow = FakeICPNeighbour(self.reactor, ("127.0.0.3", 3130), icp.Opcode.HIT, delay=0.2)
+        for f in (fast, slow):
+            f.port.joinGroup("224.0.1.20")
+        result = self.runRound(self.client(timeout=1.0), ps)
+        self.assertEqual(result.expected, 2)
+        self.assertFalse(result.timedOut)
+        self.assertIsNotNone(result.hit)
+        self.assertEqual(result.hit.neighbour.name, "127.0.0.3")
+
+        group.noteGroupCount(1)
+        self.assertTrue(group.groupCounted)
+        result = self.runRound(self.client(timeout=1.0), ps)
+        self.assertEqual(result.expected, 1)
+        self.assertEqual([r.neighbour.name for r in result.replies], ["127.0.0.2"])
+        self.assertIsNone(result.hit)
+
 
 class NeighbourTests(SynchronousTestCase):
     """
