@@ -72,6 +72,22 @@ _LOG_CODES = {
 
 
 _BAD_URL_BYTE = re.compile(rb"[^\x21-\x7e]")
+#: The bytes an ICP URL may contain (printable ASCII, no space), for
+#: C{bytes.translate}: what is left after deleting them is the problem.
+_URL_BYTES = bytes(range(0x21, 0x7F))
+#: The bytes of a host[:port] that is already in normal form.
+_PLAIN_AUTHORITY = b"abcdefghijklmnopqrstuvwxyz0123456789.-:"
+
+
+def _escapeURL(urlBytes: bytes) -> bytes:
+    """
+    A bad URL as echoed in an ICP_OP_ERR reply: percent-escaped to
+    printable ASCII, or empty when that would not fit in a datagram.
+    """
+    escaped = quote(urlBytes, safe="!#$&'()*+,-./:;=?@[]_~%").encode("ascii")
+    if len(escaped) > icp.MAX_MESSAGE_LENGTH - 21:
+        return b""
+    return escaped
 _SCHEME = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]")
 
 
@@ -300,15 +316,29 @@ class ICPResponder:
 
         @return: C{(url, key)}; for a bad URL, C{(escapedBytes, None)}.
         """
-        if urlProblem(urlBytes) is not None:
-            escaped = quote(urlBytes, safe="!#$&'()*+,-./:;=?@[]_~%").encode("ascii")
-            if len(escaped) > icp.MAX_MESSAGE_LENGTH - 21:
-                # The escaped echo would not fit in a datagram.
-                escaped = b""
-            known: tuple[Any, Optional[str]] = (escaped, None)
+        known: tuple[Any, Optional[str]]
+        if len(urlBytes) < MAX_URL and not urlBytes.translate(None, _URL_BYTES):
+            # Printable ASCII only.  Most URLs are also plain http:// ones
+            # whose host part is already normal (lower case, no user info,
+            # no default port): then the URL is its own cache key, and
+            # neither a regular expression nor urlsplit is needed.
+            slash = urlBytes.find(b"/", 7)
+            if (
+                slash > 7
+                and urlBytes.startswith(b"http://")
+                and not urlBytes[7:slash].translate(None, _PLAIN_AUTHORITY)
+                and not urlBytes.endswith(b":80", 0, slash)
+                and b"#" not in urlBytes
+            ):
+                url = urlBytes.decode("ascii")
+                known = (url, url)
+            elif _SCHEME.match(urlBytes) is not None:
+                url = urlBytes.decode("ascii")
+                known = (url, cacheKey(url))
+            else:
+                known = (_escapeURL(urlBytes), None)
         else:
-            url = urlBytes.decode("ascii")
-            known = (url, cacheKey(url))
+            known = (_escapeURL(urlBytes), None)
         urls = self._urls
         if len(urls) >= MAX_KNOWN_URLS:
             # Start again: cheaper than evicting one by one, and the

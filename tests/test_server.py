@@ -226,3 +226,59 @@ class URLProblemTests(SynchronousTestCase):
         """
         for url in ["http://a/", "https://a.b:8443/x?y", "ftp://h/f", "http://[::1]:80/", "http://u@h/"]:
             self.assertIsNone(urlProblem(url), url)
+
+
+class LearnURLTests(SynchronousTestCase):
+    """
+    The responder's table of URLs seen: its shortcut for plain http URLs
+    must give the same validity and the same cache key as the general
+    rules (L{urlProblem}, L{cacheKey}).
+    """
+
+    def setUp(self) -> None:
+        self.responder = ICPResponder(FakeStore(), FakeAccess(), reactor=Clock())
+
+    def check(self, url: bytes) -> None:
+        learned, key = self.responder._learnURL(url)
+        if urlProblem(url) is None:
+            text = url.decode("ascii")
+            self.assertEqual((learned, key), (text, cacheKey(text)), url)
+        else:
+            self.assertIsNone(key, url)
+
+    def test_examples(self) -> None:
+        """
+        Hand-picked URLs on both sides of the shortcut: normal ones, and
+        ones whose host part needs normalising (case, default port, user
+        info, IPv6, no path), fragments and other schemes.
+        """
+        for url in [
+            b"http://www.example.com/a", b"http://127.0.0.1:8080/x?y=1", b"http://Example.com/a",
+            b"http://example.com:80/a", b"http://u@example.com/a", b"http://[::1]:80/a",
+            b"http://example.com", b"http://example.com/a#frag", b"https://example.com:443/a",
+            b"ftp://example.com/f", b"http:///a", b"http://", b"http://x/a b", b"",
+            b"http://example.com:8080:80/a", b"http://a-b.example/?q#",
+        ]:
+            self.check(url)
+
+    def test_property(self) -> None:
+        """
+        For generated URLs over an alphabet that reaches every branch, the
+        table agrees with L{urlProblem} and L{cacheKey}.
+        """
+        from hypothesis import given, settings, strategies as st
+
+        @settings(max_examples=1000, deadline=None)
+        @given(
+            st.sampled_from([b"http://", b"https://", b"HTTP://", b"ftp://", b"http:/", b""]),
+            st.lists(st.sampled_from(["a", "Z", ":80", ":8080", "-", "@", "[::1]", "%", "#", " "]),
+                     max_size=4).map(lambda parts: "".join(parts).encode("latin-1")),
+            st.sampled_from([b"/", b""]),
+            st.lists(st.sampled_from(["/", "a", "?", "#", ":", "@", " ", "\x7f"]),
+                     max_size=4).map(lambda parts: "".join(parts).encode("latin-1")),
+        )
+        def agree(scheme: bytes, authority: bytes, slash: bytes, rest: bytes) -> None:
+            self.responder._urls.clear()
+            self.check(scheme + authority + slash + rest)
+
+        agree()
