@@ -232,6 +232,7 @@ class ICPClient:
         expected = 0
         ttl = 0
         now = self._reactor.seconds()
+        responders = [n for n in neighbours if n.multicastResponder]
         for n in neighbours:
             if not self.wouldQuery(n):
                 continue
@@ -260,7 +261,7 @@ class ICPClient:
                     # Squid expects no reply and so never waits for the
                     # group.  We wait for up to every configured member
                     # instead; the round ends at the timeout or on a HIT.
-                    expected += sum(1 for m in neighbours if m.multicastResponder)
+                    expected += len(responders)
                 if up:
                     expectedFrom.append(n)
                 continue
@@ -268,9 +269,8 @@ class ICPClient:
             if up:
                 expected += 1
                 expectedFrom.append(n)
-        for n in neighbours:
-            if n.multicastResponder:
-                acceptFrom.setdefault(n.icpAddress, n)
+        for n in responders:
+            acceptFrom.setdefault(n.icpAddress, n)
         if self.sourcePing and (sendTo or echoes):
             origin = self.originAddress(url)
             if origin is not None:

@@ -71,23 +71,11 @@ _LOG_CODES = {
 }
 
 
-_BAD_URL_BYTE = re.compile(rb"[^\x21-\x7e]")
 #: The bytes an ICP URL may contain (printable ASCII, no space), for
 #: C{bytes.translate}: what is left after deleting them is the problem.
 _URL_BYTES = bytes(range(0x21, 0x7F))
 #: The bytes of a host[:port] that is already in normal form.
 _PLAIN_AUTHORITY = b"abcdefghijklmnopqrstuvwxyz0123456789.-:"
-
-
-def _escapeURL(urlBytes: bytes) -> bytes:
-    """
-    A bad URL as echoed in an ICP_OP_ERR reply: percent-escaped to
-    printable ASCII, or empty when that would not fit in a datagram.
-    """
-    escaped = quote(urlBytes, safe="!#$&'()*+,-./:;=?@[]_~%").encode("ascii")
-    if len(escaped) > icp.MAX_MESSAGE_LENGTH - 21:
-        return b""
-    return escaped
 _SCHEME = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]")
 
 
@@ -105,11 +93,22 @@ def urlProblem(url: Union[str, bytes]) -> Optional[str]:
         return "empty URL"
     if len(url) >= MAX_URL:
         return "URL too long"
-    if _BAD_URL_BYTE.search(url) is not None:
+    if url.translate(None, _URL_BYTES):
         return "URL contains whitespace or control characters"
     if _SCHEME.match(url) is None:
         return "not an absolute URL"
     return None
+
+
+def _escapeURL(urlBytes: bytes) -> bytes:
+    """
+    A bad URL as echoed in an ICP_OP_ERR reply: percent-escaped to
+    printable ASCII, or empty when that would not fit in a datagram.
+    """
+    escaped = quote(urlBytes, safe="!#$&'()*+,-./:;=?@[]_~%").encode("ascii")
+    if len(escaped) > icp.MAX_MESSAGE_LENGTH - 21:
+        return b""
+    return escaped
 
 
 class FailureRatio:
@@ -317,26 +316,25 @@ class ICPResponder:
         @return: C{(url, key)}; for a bad URL, C{(escapedBytes, None)}.
         """
         known: tuple[Any, Optional[str]]
-        if len(urlBytes) < MAX_URL and not urlBytes.translate(None, _URL_BYTES):
-            # Printable ASCII only.  Most URLs are also plain http:// ones
-            # whose host part is already normal (lower case, no user info,
-            # no default port): then the URL is its own cache key, and
-            # neither a regular expression nor urlsplit is needed.
-            slash = urlBytes.find(b"/", 7)
-            if (
-                slash > 7
-                and urlBytes.startswith(b"http://")
-                and not urlBytes[7:slash].translate(None, _PLAIN_AUTHORITY)
-                and not urlBytes.endswith(b":80", 0, slash)
-                and b"#" not in urlBytes
-            ):
-                url = urlBytes.decode("ascii")
-                known = (url, url)
-            elif _SCHEME.match(urlBytes) is not None:
-                url = urlBytes.decode("ascii")
-                known = (url, cacheKey(url))
-            else:
-                known = (_escapeURL(urlBytes), None)
+        slash = urlBytes.find(b"/", 7)
+        if (
+            slash > 7
+            and urlBytes.startswith(b"http://")
+            and len(urlBytes) < MAX_URL
+            and not urlBytes.translate(None, _URL_BYTES)
+            and not urlBytes[7:slash].translate(None, _PLAIN_AUTHORITY)
+            and not urlBytes.endswith(b":80", 0, slash)
+            and b"#" not in urlBytes
+        ):
+            # Most URLs: a valid plain http:// URL whose host part is
+            # already normal (lower case, no user info, no default port) is
+            # its own cache key, found without a regular expression or
+            # urlsplit.
+            url = urlBytes.decode("ascii")
+            known = (url, url)
+        elif urlProblem(urlBytes) is None:
+            url = urlBytes.decode("ascii")
+            known = (url, cacheKey(url))
         else:
             known = (_escapeURL(urlBytes), None)
         urls = self._urls

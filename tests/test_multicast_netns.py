@@ -285,6 +285,22 @@ class MulticastMeshTests(unittest.TestCase):
         self.assertTrue(waitFor(logged, 10), f"no {method} {url} in {name}'s access.log")
         return found[-1]
 
+    def assertHitFrom(self, member: str, path: str) -> None:
+        """
+        C{path}, held only by C{member}: C{q} gets it from C{member}
+        (SIBLING_HIT) after C{member} answered its multicast query HIT,
+        and the origin is not asked again.
+        """
+        self.warm(member, path)
+        self.assertEqual(self.originCount(path), 1)
+        status, body, _ = self.get("q", path)
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"object " + path.encode() + b"\n"))
+        self.assertEqual(self.originCount(path), 1)
+        self.assertEqual(self.entry("q", path)[8], f"SIBLING_HIT/{self.segment.addresses[member]}")
+        icpEntry = self.entry(member, path, "ICP_QUERY")
+        self.assertEqual((icpEntry[2], icpEntry[3].split("/")[0]), (self.q, "UDP_HIT"))
+
     def test_hitFromMember(self) -> None:
         """
         A URL only member C{r2} holds: C{q} sends one query to the group,
@@ -294,16 +310,7 @@ class MulticastMeshTests(unittest.TestCase):
         query reached the group and not just C{r2}.
         """
         path = "/member-hit"
-        self.warm("r2", path)
-        self.assertEqual(self.originCount(path), 1)
-        status, body, headers = self.get("q", path)
-        self.assertEqual(status, 200)
-        self.assertTrue(body.startswith(b"object /member-hit\n"))
-        self.assertEqual(self.originCount(path), 1)
-        entry = self.entry("q", path)
-        self.assertEqual(entry[8], f"SIBLING_HIT/{self.r2}")
-        icpR2 = self.entry("r2", path, "ICP_QUERY")
-        self.assertEqual((icpR2[2], icpR2[3].split("/")[0]), (self.q, "UDP_HIT"))
+        self.assertHitFrom("r2", path)
         icpR1 = self.entry("r1", path, "ICP_QUERY")
         self.assertEqual((icpR1[2], icpR1[3].split("/")[0]), (self.q, "UDP_MISS"))
 
@@ -370,15 +377,7 @@ class MulticastMeshTests(unittest.TestCase):
         its cache (TCP_HIT, or TCP_MEM_HIT).
         """
         path = "/squid-hit"
-        self.warm("squid", path)
-        self.assertEqual(self.originCount(path), 1)
-        status, body, _ = self.get("q", path)
-        self.assertEqual(status, 200)
-        self.assertTrue(body.startswith(b"object /squid-hit\n"))
-        self.assertEqual(self.originCount(path), 1)
-        self.assertEqual(self.entry("q", path)[8], f"SIBLING_HIT/{self.squidMember}")
-        icpSquid = self.entry("squid", path, "ICP_QUERY")
-        self.assertEqual((icpSquid[2], icpSquid[3].split("/")[0]), (self.q, "UDP_HIT"))
+        self.assertHitFrom("squid", path)
         served = [e for e in self.accessLog("squid") if e[5] == "GET" and e[2] == self.q and e[6].endswith(path)]
         self.assertEqual(len(served), 1)
         self.assertIn("HIT", served[0][3])
