@@ -19,6 +19,14 @@ from icpmesh.interfaces import DEFAULT_PORTS
 #: Status codes a shared cache may store with heuristic freshness
 #: (RFC 9110 section 15.1, "heuristically cacheable").
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+#: Final status codes whose caching rules this cache implements, for
+#: C{must-understand} (RFC 9111 section 5.2.2.3): those RFC 9110 defines,
+#: except C{206} (partial content is never stored) and C{304}.
+UNDERSTOOD_STATUSES = frozenset(
+    {200, 201, 202, 203, 204, 205, 300, 301, 302, 303, 305, 307, 308}
+    | set(range(400, 418)) | {421, 422, 426}
+    | set(range(500, 506))
+)
 #: Heuristic freshness: this fraction of the time since Last-Modified ...
 HEURISTIC_FRACTION = 0.1
 #: ... capped at this many seconds (RFC 9111 4.2.2 suggests a bounded fraction).
@@ -127,6 +135,98 @@ def deltaSeconds(value: Optional[str]) -> Optional[int]:
     return min(int(value), 2**31)
 
 
+#: How a node treats C{CDN-Cache-Control} (RFC 9213), the C{cdn_cache_control}
+#: setting: C{ignore} it; honour only its C{restrictive} part (C{no-store},
+#: C{private}, C{no-cache}, and a C{max-age}/C{s-maxage} shorter than the
+#: response's own lifetime), which can only make a cache store or reuse less;
+#: or honour it fully, C{on}, as RFC 9213 asks of a CDN cache: it then
+#: replaces C{Cache-Control} and C{Expires} for storing and freshness.
+CDN_MODES = ("ignore", "restrictive", "on")
+
+_SF_KEY = r"[a-z*][a-z0-9_.*-]*"
+_SF_BARE = (
+    r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?'  # integer or decimal
+    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"'  # string
+    r"|[A-Za-z*][!#$%&'*+.^_`|~:/0-9A-Za-z-]*"  # token
+    r"|:[A-Za-z0-9+/=]*:"  # byte sequence
+    r"|\?[01])"  # boolean
+)
+_SF_PARAMS = rf"(?:;[ ]*{_SF_KEY}(?:={_SF_BARE})?)*"
+_SF_MEMBER = re.compile(rf"({_SF_KEY})(?:=({_SF_BARE}){_SF_PARAMS}|{_SF_PARAMS})")
+_SF_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")
+
+
+def parseTargetedCacheControl(values: Optional[Sequence[bytes]]) -> Optional[dict[str, Optional[str]]]:
+    """
+    Parse a targeted cache-control field such as C{CDN-Cache-Control}
+    (RFC 9213): a Structured Field Dictionary (RFC 8941).  Unlike
+    C{Cache-Control}, a field that is not a valid dictionary is ignored
+    whole, and keys are case-sensitive (lower case).
+
+    @return: C{{directive: argument}} like L{parseCacheControl}
+        (C{None} for a boolean true, strings unquoted, parameters
+        dropped), or C{None} when the field is absent or invalid.  Inner
+        lists are not supported and make the field invalid.
+    """
+    if not values:
+        return None
+    text = ",".join(v.decode("latin-1") for v in values).strip(" \t")
+    if not text:
+        return None
+    result: dict[str, Optional[str]] = {}
+    position = 0
+    while True:
+        match = _SF_MEMBER.match(text, position)
+        if match is None:
+            return None
+        name, value = match.group(1), match.group(2)
+        if value == "?0":
+            result.pop(name, None)  # false: as if absent
+        else:
+            # The last duplicate wins (RFC 8941 section 4.2.2).
+            result[name] = None if value is None or value == "?1" else value
+        position = match.end()
+        if position == len(text):
+            return result
+        separator = _SF_SEPARATOR.match(text, position)
+        if separator is None or separator.end() == len(text):
+            return None
+        position = separator.end()
+
+
+def targetedFreshness(
+    responseCC: dict[str, Optional[str]],
+    targeted: Optional[dict[str, Optional[str]]],
+    mode: str,
+) -> tuple[dict[str, Optional[str]], Optional[int], bool]:
+    """
+    Combine a response's C{Cache-Control} with its C{CDN-Cache-Control}
+    under the C{cdn_cache_control} C{mode} (see L{CDN_MODES}).
+
+    @return: C{(directives, lifetimeCap, ignoreExpires)}: the directives
+        to decide storing and reuse with, a cap on the freshness lifetime
+        in seconds (or C{None}), and whether C{Expires} no longer counts.
+    """
+    if targeted is None or not targeted or mode == "ignore":
+        return responseCC, None, False
+    if mode == "on":
+        # RFC 9213 section 2.1: a targeted field replaces the others.
+        return targeted, None, True
+    effective = responseCC
+    for directive in ("no-store", "private", "no-cache"):
+        if directive in targeted and directive not in effective:
+            if effective is responseCC:
+                effective = dict(responseCC)
+            effective[directive] = None
+    cap = None
+    for directive in ("s-maxage", "max-age"):
+        value = targeted.get(directive)
+        if value is not None and value.isdigit():
+            cap = min(int(value), 2**31)
+            break
+    return effective, cap, False
+
+
 _MONTHS = {
     name: number
     for number, name in enumerate(
@@ -198,7 +298,9 @@ def mayStore(
     RFC 9111 section 3: may a shared cache store this response at all?
 
     A response passes when the request method is GET, neither side says
-    C{no-store}, the response is not C{private}, a request with
+    C{no-store} (a response's C{no-store} does not count when it also says
+    C{must-understand} and its status is in L{UNDERSTOOD_STATUSES}; with
+    any other status, C{must-understand} forbids storing), the response is not C{private}, a request with
     C{Authorization} got an explicit permission (C{public}, C{s-maxage} or
     C{must-revalidate}, section 3.5), partial content is not involved, and
     the response has explicit freshness (C{Expires}, C{max-age},
@@ -216,7 +318,14 @@ def mayStore(
     """
     if method != "GET":
         return False
-    if "no-store" in requestCC or "no-store" in responseCC or "private" in responseCC:
+    mustUnderstand = "must-understand" in responseCC
+    if mustUnderstand and status not in UNDERSTOOD_STATUSES:
+        return False
+    if "no-store" in requestCC or "private" in responseCC:
+        return False
+    if "no-store" in responseCC and not mustUnderstand:
+        # With must-understand and a status we implement, no-store is
+        # there for caches that do not know must-understand (5.2.2.3).
         return False
     if status == 206 or status < 200 or status >= 600 or status == 304:
         return False
@@ -398,7 +507,10 @@ def notModified(
 
 #: Headers a 304 never replaces in the stored response (RFC 9111 section
 #: 3.2: the framing of the stored body stays).
-_KEEP_ON_UPDATE = frozenset({b"content-length", b"content-encoding", b"content-range", b"transfer-encoding"})
+#: C{Content-MD5} is a digest of the stored bytes: a 304 cannot change those.
+_KEEP_ON_UPDATE = frozenset(
+    {b"content-length", b"content-encoding", b"content-range", b"transfer-encoding", b"content-md5"}
+)
 
 
 def updatedHeaders(

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import attr
 
+from icpmesh.caching import CDN_MODES
+
 DEFAULT_HTTP_PORT = 3128
 DEFAULT_ICP_PORT = 3130
 
@@ -500,6 +502,12 @@ def _words(d: Directive) -> tuple[str, ...]:
     return d.args
 
 
+def _cdnMode(text: str) -> str:
+    if text not in CDN_MODES:
+        raise ValueError(f"expected one of {', '.join(CDN_MODES)}, not {text!r}")
+    return text
+
+
 #: Core settings: directive name -> parser of the whole directive.  The
 #: parsed value lands in L{MeshConfig.settings}.
 SETTINGS: dict[str, Callable[[Directive], Any]] = {
@@ -519,6 +527,7 @@ SETTINGS: dict[str, Callable[[Directive], Any]] = {
     "request_body_max_size": _joined(parseSize),
     "forwarded_for": lambda d: _single(d, parseBool),
     "via": lambda d: _single(d, parseBool),
+    "cdn_cache_control": lambda d: _single(d, _cdnMode),
     "local_domain": _words,
     "local_ip": _words,
     "hierarchy_stoplist": _words,

@@ -65,7 +65,10 @@ from icpmesh.caching import (
     invalidationTarget,
     mayStore,
     notModified,
+    CDN_MODES,
     parseCacheControl,
+    parseTargetedCacheControl,
+    targetedFreshness,
     updatedHeaders,
     varyKey,
     varyNames,
@@ -512,6 +515,8 @@ class CachingProxyResource(Resource):
         (431 beyond).
     @ivar maxRequestBodySize: largest request body accepted (413 beyond),
         or C{None} for no limit.
+    @ivar cdnCacheControl: how C{CDN-Cache-Control} is treated, one of
+        L{icpmesh.caching.CDN_MODES}.
     """
 
     isLeaf = True
@@ -529,6 +534,7 @@ class CachingProxyResource(Resource):
         connectPorts: Any = None,
         maxRequestHeaderSize: int = MAX_REQUEST_HEADER_SIZE,
         maxRequestBodySize: Optional[int] = None,
+        cdnCacheControl: str = "restrictive",
     ) -> None:
         """
         @param store: the L{IObjectStore}.
@@ -546,6 +552,7 @@ class CachingProxyResource(Resource):
         @param connectPorts: ports CONNECT may reach (443 by default).
         @param maxRequestHeaderSize: see the instance variable.
         @param maxRequestBodySize: see the instance variable.
+        @param cdnCacheControl: see the instance variable.
         """
         super().__init__()
         if reactor is None:
@@ -563,6 +570,9 @@ class CachingProxyResource(Resource):
         self.connectPorts = frozenset(connectPorts) if connectPorts is not None else frozenset({443})
         self.maxRequestHeaderSize = maxRequestHeaderSize
         self.maxRequestBodySize = maxRequestBodySize
+        if cdnCacheControl not in CDN_MODES:
+            raise ValueError(f"cdnCacheControl must be one of {', '.join(CDN_MODES)}")
+        self.cdnCacheControl = cdnCacheControl
         self.via = f"1.1 {visibleHostname} (icpmesh/{__version__})".encode()
         self._viaName = visibleHostname.lower().encode()
         self.xCacheHit = f"HIT from {visibleHostname}".encode()
@@ -750,7 +760,7 @@ class CachingProxyResource(Resource):
             self._serveHit(exchange, entry, meta, now, "TCP_HIT")
             return
         if exchange.header(b"authorization"):
-            storedCC = _storedCC(meta)
+            storedCC = self._storedCC(meta)
             if not ("public" in storedCC or "s-maxage" in storedCC or "must-revalidate" in storedCC):
                 # RFC 9111 3.5: not for requests with credentials.
                 exchange.entry = None
@@ -767,7 +777,7 @@ class CachingProxyResource(Resource):
         if onlyIfCached:
             self._gatewayTimeout(exchange, "The object is not in the cache or is stale (only-if-cached).")
             return
-        storedCC = _storedCC(meta)
+        storedCC = self._storedCC(meta)
         window = deltaSeconds(storedCC.get("stale-while-revalidate"))
         if (
             window is not None
@@ -799,7 +809,7 @@ class CachingProxyResource(Resource):
         if remaining > 0:
             return True
         if "max-stale" in requestCC:
-            storedCC = _storedCC(meta)
+            storedCC = self._storedCC(meta)
             if _mustRevalidate(storedCC) or "no-cache" in storedCC:
                 return False
             stale = requestCC["max-stale"]
@@ -1111,7 +1121,7 @@ class CachingProxyResource(Resource):
             if fetch.revalidating is not None and self._staleIfError(exchange, fetch.revalidating):
                 pass
             else:
-                if fetch.revalidating is not None and _mustRevalidate(_storedCC(fetch.revalidating.meta)):
+                if fetch.revalidating is not None and _mustRevalidate(self._storedCC(fetch.revalidating.meta)):
                     status, reason = 504, "Gateway Timeout"
                 self._error(exchange.request, status, reason, detail, exchange.access.client,
                             exchange.access.method, exchange.access.url, exchange.started,
@@ -1127,7 +1137,7 @@ class CachingProxyResource(Resource):
         @return: C{True} when the stale response was served.
         """
         meta = entry.meta
-        storedCC = _storedCC(meta)
+        storedCC = self._storedCC(meta)
         if _mustRevalidate(storedCC):
             return False
         now = self._reactor.seconds()
@@ -1275,6 +1285,18 @@ class CachingProxyResource(Resource):
 
         d.addCallbacks(updated, failed)
 
+    def _storedCC(self, meta: StoredResponse) -> dict[str, Optional[str]]:
+        """
+        The cache directives of a stored response, C{CDN-Cache-Control}
+        applied as L{cdnCacheControl} says.
+        """
+        headers = meta.headers
+        cc = parseCacheControl([v for k, v in headers if k == b"cache-control"])
+        if self.cdnCacheControl == "ignore":
+            return cc
+        targeted = parseTargetedCacheControl([v for k, v in headers if k == b"cdn-cache-control"])
+        return targetedFreshness(cc, targeted, self.cdnCacheControl)[0]
+
     def _meta(
         self,
         status: int,
@@ -1295,9 +1317,12 @@ class CachingProxyResource(Resource):
         date = expires = lastModified = ageHeader = None
         hasValidator = False
         ccValues = []
+        cdnValues = []
         for name, value in headers:
             if name == b"cache-control":
                 ccValues.append(value)
+            elif name == b"cdn-cache-control":
+                cdnValues.append(value)
             elif name == b"date":
                 date = value
             elif name == b"expires":
@@ -1311,9 +1336,15 @@ class CachingProxyResource(Resource):
                     ageHeader = value
             elif name == b"etag":
                 hasValidator = True
-        cc = parseCacheControl(ccValues)
+        cc, cap, ignoreExpires = targetedFreshness(
+            parseCacheControl(ccValues), parseTargetedCacheControl(cdnValues), self.cdnCacheControl
+        )
         dateTime = httpDate(date)
-        lifetime = freshnessLifetime(status, cc, dateTime, expires, httpDate(lastModified), responseTime)
+        lifetime = freshnessLifetime(
+            status, cc, dateTime, None if ignoreExpires else expires, httpDate(lastModified), responseTime
+        )
+        if cap is not None:
+            lifetime = min(lifetime, float(cap))
         age = correctedInitialAge(ageHeader, dateTime, requestTime, responseTime)
         freshUntil = responseTime + lifetime - age
         if "no-cache" in cc:
@@ -1351,14 +1382,18 @@ class CachingProxyResource(Resource):
         names = varyNames(h.getRawHeaders(b"vary"))
         if names is None:
             return key, None
-        responseCC = parseCacheControl(h.getRawHeaders(b"cache-control"))
+        responseCC, _, ignoreExpires = targetedFreshness(
+            parseCacheControl(h.getRawHeaders(b"cache-control")),
+            parseTargetedCacheControl(h.getRawHeaders(b"cdn-cache-control")),
+            self.cdnCacheControl,
+        )
         if not mayStore(
             exchange.access.method,
             response.code,
             exchange.requestCC,
             responseCC,
             exchange.request is not None and exchange.request.requestHeaders.hasHeader(b"authorization"),
-            h.hasHeader(b"expires"),
+            h.hasHeader(b"expires") and not ignoreExpires,
         ):
             return key, None
         if not self.access.allowStore(exchange.access):
@@ -1618,10 +1653,6 @@ def _headerSize(headers: Headers) -> int:
     The size of a header section as sent (names, values, ": " and CRLF).
     """
     return sum(len(name) + len(value) + 4 for name, values in headers.getAllRawHeaders() for value in values)
-
-
-def _storedCC(meta: StoredResponse) -> dict[str, Optional[str]]:
-    return parseCacheControl([v for k, v in meta.headers if k == b"cache-control"])
 
 
 def _mustRevalidate(cc: dict[str, Optional[str]]) -> bool:

@@ -243,6 +243,7 @@ def makeMeshService(
         connectPorts=_connectPorts(config),
         maxRequestHeaderSize=int(config.setting("request_header_max_size", 64 * 1024)),
         maxRequestBodySize=config.setting("request_body_max_size"),
+        cdnCacheControl=config.setting("cdn_cache_control", "restrictive"),
     )
     selector = components.selector
     if service.IService.providedBy(selector):

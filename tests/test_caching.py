@@ -22,6 +22,8 @@ from icpmesh.caching import (
     mayStore,
     notModified,
     parseCacheControl,
+    parseTargetedCacheControl,
+    targetedFreshness,
     updatedHeaders,
     varyKey,
     varyNames,
@@ -176,6 +178,82 @@ class MayStoreTests(SynchronousTestCase):
             self.assertTrue(self.check(resp=cc, auth=True), cc)
 
 
+class MustUnderstandTests(SynchronousTestCase):
+    """
+    C{must-understand} (RFC 9111 section 5.2.2.3) in L{mayStore}.
+    """
+
+    def check(self, status: int, resp: str) -> bool:
+        return mayStore("GET", status, {}, parseCacheControl([resp.encode()]), False, False)
+
+    def test_unknownStatusNotStored(self) -> None:
+        """
+        A status whose caching rules the cache does not implement is not
+        stored with C{must-understand}, even with explicit freshness.
+        """
+        self.assertTrue(self.check(599, "max-age=3600"))
+        self.assertFalse(self.check(599, "max-age=3600, must-understand"))
+
+    def test_knownStatusIgnoresNoStore(self) -> None:
+        """
+        With a status the cache implements, C{must-understand} overrides a
+        C{no-store} meant for older caches; without it C{no-store} holds.
+        """
+        self.assertFalse(self.check(200, "max-age=3600, no-store"))
+        self.assertTrue(self.check(200, "max-age=3600, no-store, must-understand"))
+        self.assertFalse(self.check(206, "max-age=3600, no-store, must-understand"))
+
+    def test_privateStillWins(self) -> None:
+        """
+        C{must-understand} lifts C{no-store} only, never C{private}.
+        """
+        self.assertFalse(self.check(200, "max-age=3600, private, must-understand"))
+
+
+class TargetedCacheControlTests(SynchronousTestCase):
+    """
+    L{parseTargetedCacheControl} and L{targetedFreshness}: RFC 9213's
+    C{CDN-Cache-Control}.
+    """
+
+    def test_dictionary(self) -> None:
+        """
+        Valid Structured Field dictionaries give their members; strings keep
+        their quotes; parameters are dropped; C{?0} members are left out.
+        """
+        parse = parseTargetedCacheControl
+        self.assertEqual(parse([b"max-age=3600"]), {"max-age": "3600"})
+        self.assertEqual(parse([b"foobar, max-age=3600"]), {"foobar": None, "max-age": "3600"})
+        self.assertEqual(parse([b"no-store", b"private"]), {"no-store": None, "private": None})
+        self.assertEqual(parse([b'max-age="10", a;x=1, b=?0, c=?1']), {"max-age": '"10"', "a": None, "c": None})
+        self.assertEqual(parse([b'x="a,b", y=:YQ==:']), {"x": '"a,b"', "y": ":YQ==:"})
+
+    def test_invalid(self) -> None:
+        """
+        Anything that is not a valid dictionary is ignored whole.
+        """
+        for value in (b"max-age=10000, &&&&&", b"MaX-aGe=3600", b"max-age =100", b"max-age= 100",
+                      b"a,", b",a", b"a,,b", b'x="unterminated', b"(a b)", b""):
+            self.assertIsNone(parseTargetedCacheControl([value]), value)
+        self.assertIsNone(parseTargetedCacheControl([]))
+        self.assertIsNone(parseTargetedCacheControl(None))
+
+    def test_modes(self) -> None:
+        """
+        C{ignore} keeps C{Cache-Control}; C{restrictive} adds only what
+        restricts and caps the lifetime; C{on} replaces it and C{Expires}.
+        """
+        cc = {"max-age": "3600"}
+        cdn = {"no-store": None, "max-age": "5", "public": None}
+        self.assertEqual(targetedFreshness(cc, cdn, "ignore"), (cc, None, False))
+        self.assertEqual(targetedFreshness(cc, cdn, "restrictive"),
+                         ({"max-age": "3600", "no-store": None}, 5, False))
+        self.assertEqual(targetedFreshness(cc, cdn, "on"), (cdn, None, True))
+        self.assertEqual(targetedFreshness(cc, None, "on"), (cc, None, False))
+        self.assertEqual(targetedFreshness(cc, {"max-age": '"5"'}, "restrictive"), (cc, None, False))
+        self.assertEqual(targetedFreshness(cc, {"s-maxage": "7", "max-age": "5"}, "restrictive")[1], 7)
+
+
 class FreshnessTests(SynchronousTestCase):
     """
     L{freshnessLifetime}, L{correctedInitialAge}, L{currentAge}.
@@ -312,6 +390,15 @@ class UpdateTests(SynchronousTestCase):
             ((b"cache-control", b"max-age=9"), (b"x-a", b"3"), (b"content-length", b"10"),
              (b"etag", b'"e"'), (b"x-new", b"n")),
         )
+
+    def test_contentMD5Kept(self) -> None:
+        """
+        C{Content-MD5} describes the stored bytes, so a 304 does not replace
+        it; other fields are replaced.
+        """
+        stored = ((b"content-md5", b"old"), (b"x-a", b"1"))
+        fresh = ((b"content-md5", b"new"), (b"x-a", b"2"))
+        self.assertEqual(updatedHeaders(stored, fresh), ((b"content-md5", b"old"), (b"x-a", b"2")))
 
     def test_invalidationTarget(self) -> None:
         """

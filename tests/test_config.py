@@ -131,6 +131,8 @@ class ParseTests(SynchronousTestCase):
              "f:2: duplicate neighbour name 'A' (first defined at line 1); use name=..."),
             ("icp_query_timeout 2 fortnights\n", "f:1: icp_query_timeout: not a duration: '2 fortnights' (use e.g. 2s, 500ms, 10 minutes)"),
             ("log_icp_queries maybe\n", "f:1: log_icp_queries: not on/off: 'maybe'"),
+            ("\ncdn_cache_control sometimes\n",
+             "f:2: cdn_cache_control: expected one of ignore, restrictive, on, not 'sometimes'"),
             ("dead_peer_timeout 1\ndead_peer_timeout 2\n", "f:2: dead_peer_timeout given twice (first at line 1)"),
             ("store\n", "f:1: usage: store NAME [key=value ...]"),
             ("store Bad_Name\n", "f:1: bad plugin name 'Bad_Name'"),

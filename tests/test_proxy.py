@@ -35,7 +35,8 @@ from icpmesh.storage.memory import MemoryStore
 from icpmesh.testing.origin import FakeOrigin, InMemoryUpstream
 
 NOW = 1_700_000_000.0
-URL = "http://origin.test/a"
+URL_BASE = "http://origin.test"
+URL = URL_BASE + "/a"
 
 
 def httpDate(when: float) -> str:
@@ -333,6 +334,72 @@ class BasicCachingTests(ProxyTestMixin, SynchronousTestCase):
         self.get()
         self.get()
         self.assertEqual(self.origin.counts["/a"], 2)
+
+    def test_cdnCacheControlRestrictive(self) -> None:
+        """
+        By default, C{CDN-Cache-Control} is obeyed where it restricts:
+        C{no-store} and C{private} stop storing, C{no-cache} forces
+        revalidation, and a shorter C{max-age} shortens the lifetime; its
+        longer C{max-age} does not lengthen it.
+        """
+        cases = [
+            ("/ns", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "no-store"}, 0, 2),
+            ("/pr", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "private"}, 0, 2),
+            ("/nc", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "no-cache",
+                     "ETag": '"v"'}, 0, 2),
+            ("/short", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "max-age=5"}, 10, 2),
+            ("/shortFresh", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "max-age=5"}, 2, 1),
+            ("/long", {"Cache-Control": "max-age=5", "CDN-Cache-Control": "max-age=600"}, 10, 2),
+            ("/invalid", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "no-store, &&"}, 0, 1),
+        ]
+        for path, headers, wait, expected in cases:
+            self.origin.setResponse(path, b"x", headers=headers)
+            self.get(URL_BASE + path)
+            self.clock.advance(wait)
+            self.get(URL_BASE + path)
+            self.assertEqual(self.origin.counts[path], expected, path)
+
+    def test_cdnCacheControlOn(self) -> None:
+        """
+        With C{cdn_cache_control on}, C{CDN-Cache-Control} replaces
+        C{Cache-Control}: its C{max-age} wins over C{no-store} there and
+        over a shorter C{max-age}.
+        """
+        self.build(cdnCacheControl="on")
+        self.origin.setResponse("/a", b"x", headers={"Cache-Control": "no-store",
+                                                       "CDN-Cache-Control": "max-age=600"})
+        self.origin.setResponse("/b", b"x", headers={"Cache-Control": "max-age=5",
+                                                       "CDN-Cache-Control": "max-age=600"})
+        for path in ("/a", "/b"):
+            self.get(URL_BASE + path)
+            self.clock.advance(10)
+            self.assertEqual(self.get(URL_BASE + path).header("x-cache"), "HIT from proxy.test")
+            self.assertEqual(self.origin.counts[path], 1)
+
+    def test_cdnCacheControlIgnore(self) -> None:
+        """
+        With C{cdn_cache_control ignore}, only C{Cache-Control} counts.
+        """
+        self.build(cdnCacheControl="ignore")
+        self.origin.setResponse("/a", b"x", headers={"Cache-Control": "max-age=600",
+                                                       "CDN-Cache-Control": "no-store"})
+        self.get(URL_BASE + "/a")
+        self.assertEqual(self.get(URL_BASE + "/a").header("x-cache"), "HIT from proxy.test")
+        self.assertRaises(ValueError, self.build, cdnCacheControl="maybe")
+
+    def test_mustUnderstand(self) -> None:
+        """
+        C{must-understand}: a 200 is stored despite C{no-store}; a status
+        the cache does not implement is not stored despite C{max-age}.
+        """
+        self.origin.setResponse("/a", b"x", headers={"Cache-Control": "max-age=600, no-store, must-understand"})
+        self.origin.setResponse("/b", b"x", status=599,
+                                headers={"Cache-Control": "max-age=600, must-understand"})
+        for path in ("/a", "/b"):
+            self.get(URL_BASE + path)
+            self.get(URL_BASE + path)
+        self.assertEqual(self.origin.counts["/a"], 1)
+        self.assertEqual(self.origin.counts["/b"], 2)
 
     def test_requestNoStoreNotStored(self) -> None:
         """

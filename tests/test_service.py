@@ -101,6 +101,16 @@ class LimitsTests(SynchronousTestCase):
         channel = svc.site.buildProtocol(None)
         self.assertGreater(channel.totalHeadersSize, 32768)
 
+    def test_cdnCacheControl(self) -> None:
+        """
+        cdn_cache_control reaches the proxy; C{restrictive} by default.
+        """
+        def mode(text: str) -> str:
+            svc = makeMeshService(parseConfig("http_port 127.0.0.1:0\n" + text, "t"), reactor=FakeUDPReactor())
+            return str(svc.proxy.cdnCacheControl)
+
+        self.assertEqual((mode(""), mode("cdn_cache_control on\n")), ("restrictive", "on"))
+
 
 class CARPWiringTests(SynchronousTestCase):
     """
