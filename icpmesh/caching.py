@@ -194,6 +194,53 @@ def parseTargetedCacheControl(values: Optional[Sequence[bytes]]) -> Optional[dic
         position = separator.end()
 
 
+def parseSurrogateControl(values: Optional[Sequence[bytes]]) -> Optional[dict[str, Optional[str]]]:
+    """
+    Parse C{Surrogate-Control} (W3C Edge Architecture): directives like
+    C{Cache-Control}'s, each optionally aimed at one device with
+    C{;target}.  This node announces no C{Surrogate-Capability}, so
+    directives with a target are left out.
+
+    @return: the untargeted directives, or C{None} when there are none.
+    """
+    if not values:
+        return None
+    result: dict[str, Optional[str]] = {}
+    for name, argument in parseCacheControl(values).items():
+        if ";" in name or (argument is not None and ";" in argument):
+            continue
+        result[name] = argument
+    return result or None
+
+
+def responseDirectives(
+    ccValues: Optional[Sequence[bytes]],
+    cdnValues: Optional[Sequence[bytes]],
+    surrogateValues: Optional[Sequence[bytes]],
+    mode: str,
+) -> tuple[dict[str, Optional[str]], Optional[int], bool]:
+    """
+    The directives a response's storing and freshness are decided with:
+    its C{Cache-Control}, with C{CDN-Cache-Control} and
+    C{Surrogate-Control} applied as C{mode} says (L{CDN_MODES},
+    L{targetedFreshness}; in C{on} mode a valid C{CDN-Cache-Control} comes
+    first, as the more specific field).
+    """
+    cc = parseCacheControl(ccValues)
+    if mode == "ignore" or not (cdnValues or surrogateValues):
+        return cc, None, False
+    cdn = parseTargetedCacheControl(cdnValues)
+    surrogate = parseSurrogateControl(surrogateValues)
+    if mode == "on":
+        return targetedFreshness(cc, cdn if cdn else surrogate, mode)
+    cap = None
+    for targeted in (cdn, surrogate):
+        cc, limit, _ = targetedFreshness(cc, targeted, mode)
+        if limit is not None:
+            cap = limit if cap is None else min(cap, limit)
+    return cc, cap, False
+
+
 def targetedFreshness(
     responseCC: dict[str, Optional[str]],
     targeted: Optional[dict[str, Optional[str]]],

@@ -67,8 +67,7 @@ from icpmesh.caching import (
     notModified,
     CDN_MODES,
     parseCacheControl,
-    parseTargetedCacheControl,
-    targetedFreshness,
+    responseDirectives,
     updatedHeaders,
     varyKey,
     varyNames,
@@ -1288,14 +1287,18 @@ class CachingProxyResource(Resource):
     def _storedCC(self, meta: StoredResponse) -> dict[str, Optional[str]]:
         """
         The cache directives of a stored response, C{CDN-Cache-Control}
-        applied as L{cdnCacheControl} says.
+        and C{Surrogate-Control} applied as L{cdnCacheControl} says.
         """
         headers = meta.headers
-        cc = parseCacheControl([v for k, v in headers if k == b"cache-control"])
+        ccValues = [v for k, v in headers if k == b"cache-control"]
         if self.cdnCacheControl == "ignore":
-            return cc
-        targeted = parseTargetedCacheControl([v for k, v in headers if k == b"cdn-cache-control"])
-        return targetedFreshness(cc, targeted, self.cdnCacheControl)[0]
+            return parseCacheControl(ccValues)
+        return responseDirectives(
+            ccValues,
+            [v for k, v in headers if k == b"cdn-cache-control"],
+            [v for k, v in headers if k == b"surrogate-control"],
+            self.cdnCacheControl,
+        )[0]
 
     def _meta(
         self,
@@ -1318,11 +1321,14 @@ class CachingProxyResource(Resource):
         hasValidator = False
         ccValues = []
         cdnValues = []
+        surrogateValues = []
         for name, value in headers:
             if name == b"cache-control":
                 ccValues.append(value)
             elif name == b"cdn-cache-control":
                 cdnValues.append(value)
+            elif name == b"surrogate-control":
+                surrogateValues.append(value)
             elif name == b"date":
                 date = value
             elif name == b"expires":
@@ -1336,9 +1342,7 @@ class CachingProxyResource(Resource):
                     ageHeader = value
             elif name == b"etag":
                 hasValidator = True
-        cc, cap, ignoreExpires = targetedFreshness(
-            parseCacheControl(ccValues), parseTargetedCacheControl(cdnValues), self.cdnCacheControl
-        )
+        cc, cap, ignoreExpires = responseDirectives(ccValues, cdnValues, surrogateValues, self.cdnCacheControl)
         dateTime = httpDate(date)
         lifetime = freshnessLifetime(
             status, cc, dateTime, None if ignoreExpires else expires, httpDate(lastModified), responseTime
@@ -1382,9 +1386,10 @@ class CachingProxyResource(Resource):
         names = varyNames(h.getRawHeaders(b"vary"))
         if names is None:
             return key, None
-        responseCC, _, ignoreExpires = targetedFreshness(
-            parseCacheControl(h.getRawHeaders(b"cache-control")),
-            parseTargetedCacheControl(h.getRawHeaders(b"cdn-cache-control")),
+        responseCC, _, ignoreExpires = responseDirectives(
+            h.getRawHeaders(b"cache-control"),
+            h.getRawHeaders(b"cdn-cache-control"),
+            h.getRawHeaders(b"surrogate-control"),
             self.cdnCacheControl,
         )
         if not mayStore(

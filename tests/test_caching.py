@@ -22,7 +22,9 @@ from icpmesh.caching import (
     mayStore,
     notModified,
     parseCacheControl,
+    parseSurrogateControl,
     parseTargetedCacheControl,
+    responseDirectives,
     targetedFreshness,
     updatedHeaders,
     varyKey,
@@ -252,6 +254,37 @@ class TargetedCacheControlTests(SynchronousTestCase):
         self.assertEqual(targetedFreshness(cc, None, "on"), (cc, None, False))
         self.assertEqual(targetedFreshness(cc, {"max-age": '"5"'}, "restrictive"), (cc, None, False))
         self.assertEqual(targetedFreshness(cc, {"s-maxage": "7", "max-age": "5"}, "restrictive")[1], 7)
+
+
+class SurrogateControlTests(SynchronousTestCase):
+    """
+    L{parseSurrogateControl} and L{responseDirectives}.
+    """
+
+    def test_targetsLeftOut(self) -> None:
+        """
+        Directives aimed at a named device (C{;target}) are left out; the
+        others are kept.
+        """
+        self.assertEqual(parseSurrogateControl([b"max-age=3600;other, no-store"]), {"no-store": None})
+        self.assertIsNone(parseSurrogateControl([b"no-store;other"]))
+        self.assertIsNone(parseSurrogateControl(None))
+
+    def test_combined(self) -> None:
+        """
+        In C{restrictive} mode both fields restrict and the shorter cap
+        wins; in C{on} mode a valid C{CDN-Cache-Control} comes first, else
+        C{Surrogate-Control}; C{ignore} parses only C{Cache-Control}.
+        """
+        cc, cap, ignoreExpires = responseDirectives(
+            [b"max-age=600"], [b"max-age=60"], [b"max-age=30, no-store"], "restrictive")
+        self.assertEqual((cc, cap, ignoreExpires), ({"max-age": "600", "no-store": None}, 30, False))
+        self.assertEqual(responseDirectives([b"no-store"], [b"max-age=60"], [b"max-age=30"], "on"),
+                         ({"max-age": "60"}, None, True))
+        self.assertEqual(responseDirectives([b"no-store"], [b"&&"], [b"max-age=30"], "on"),
+                         ({"max-age": "30"}, None, True))
+        self.assertEqual(responseDirectives([b"max-age=1"], [b"no-store"], [b"no-store"], "ignore"),
+                         ({"max-age": "1"}, None, False))
 
 
 class FreshnessTests(SynchronousTestCase):

@@ -337,7 +337,8 @@ class BasicCachingTests(ProxyTestMixin, SynchronousTestCase):
 
     def test_cdnCacheControlRestrictive(self) -> None:
         """
-        By default, C{CDN-Cache-Control} is obeyed where it restricts:
+        By default, C{CDN-Cache-Control} and C{Surrogate-Control} are
+        obeyed where they restrict:
         C{no-store} and C{private} stop storing, C{no-cache} forces
         revalidation, and a shorter C{max-age} shortens the lifetime; its
         longer C{max-age} does not lengthen it.
@@ -351,6 +352,9 @@ class BasicCachingTests(ProxyTestMixin, SynchronousTestCase):
             ("/shortFresh", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "max-age=5"}, 2, 1),
             ("/long", {"Cache-Control": "max-age=5", "CDN-Cache-Control": "max-age=600"}, 10, 2),
             ("/invalid", {"Cache-Control": "max-age=600", "CDN-Cache-Control": "no-store, &&"}, 0, 1),
+            ("/sns", {"Cache-Control": "max-age=600", "Surrogate-Control": "no-store"}, 0, 2),
+            ("/sshort", {"Cache-Control": "max-age=600", "Surrogate-Control": "max-age=5"}, 10, 2),
+            ("/sother", {"Cache-Control": "max-age=600", "Surrogate-Control": "no-store;other"}, 0, 1),
         ]
         for path, headers, wait, expected in cases:
             self.origin.setResponse(path, b"x", headers=headers)
