@@ -119,9 +119,13 @@ def makeService(options: Options) -> Any:
     """
     Build the node's service; called by twistd.
     """
-    from icpmesh.service import makeMeshService
+    from twisted.internet import reactor
+
+    from icpmesh.service import makeMeshService, tuneGarbageCollector
 
     try:
-        return makeMeshService(options.meshConfig)
+        mesh = makeMeshService(options.meshConfig)
     except ConfigError as e:
         raise SystemExit(f"icpmesh: {e}")
+    reactor.callWhenRunning(tuneGarbageCollector)
+    return mesh

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from icpmesh import icp
 from icpmesh.config import ConfigError, parseConfig
-from icpmesh.service import makeMeshService
+from icpmesh.service import makeMeshService, tuneGarbageCollector
 from icpmesh.testing import FakeUDPReactor
 
 CONFIG = """
@@ -139,3 +139,34 @@ class CARPWiringTests(SynchronousTestCase):
         self.assertIn(b" 200 ", response.split(b"\r\n", 1)[0])
         self.assertIn(b"p1", response)
         self.assertIn(b"p2", response)
+
+
+class GarbageCollectorTests(SynchronousTestCase):
+    """
+    L{tuneGarbageCollector}, which C{twistd icpmesh} runs at start-up.
+    """
+
+    def test_tune(self) -> None:
+        """
+        It freezes what is alive and raises only the youngest threshold;
+        cycles made afterwards are still collected.
+        """
+        import gc
+        import weakref
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        tuneGarbageCollector(12345)
+        self.assertEqual(gc.get_threshold(), (12345,) + before[1:])
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+        class Node:
+            other: "Node"
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        ref = weakref.ref(a)
+        del a, b
+        gc.collect()
+        self.assertIsNone(ref())
