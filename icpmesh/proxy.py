@@ -72,6 +72,7 @@ from icpmesh.caching import (
     varyKey,
     varyNames,
 )
+from icpmesh.body import BodyAborted, RequestBodyStream
 from icpmesh.interfaces import AccessRequest, ObjectTooLarge, StoredResponse
 
 log = Logger()
@@ -520,6 +521,10 @@ class CachingProxyResource(Resource):
 
     isLeaf = True
 
+    #: Requests with bodies may be rendered before their body has arrived,
+    #: with the body in C{request.bodyStream} (see L{icpmesh.body}).
+    streamsRequestBodies = True
+
     def __init__(
         self,
         store: Any,
@@ -622,6 +627,11 @@ class CachingProxyResource(Resource):
             return self._error(request, 413, "Content Too Large",
                                "The request body is too large.", client, method, url, started,
                                code="NONE")
+        stream = getattr(request, "bodyStream", None)
+        if stream is not None and self.maxRequestBodySize is not None:
+            # A chunked body is checked as it arrives.
+            request.bodyLimit = self.maxRequestBodySize
+            request.onBodyTooLarge = lambda: self._streamTooLarge(request, client, method, url, started)
         parts = _urlParts(url)
         if parts is None:
             return self._error(request, 400, "Bad Request", "The URL cannot be parsed.",
@@ -666,6 +676,25 @@ class CachingProxyResource(Resource):
         size = content.tell()
         content.seek(position)
         return size > limit
+
+    def _streamTooLarge(self, request: Any, client: str, method: str, url: str, started: float) -> None:
+        """
+        A streamed body of unknown length grew past C{maxRequestBodySize}:
+        answer 413 when nothing of it went upstream yet and no response was
+        started, else close the client's connection; the upstream request
+        is aborted either way.
+        """
+        stream = request.bodyStream
+        if stream.sent == 0 and not request.startedWriting and not request.finished:
+            self._error(request, 413, "Content Too Large", "The request body is too large.",
+                        client, method, url, started, code="NONE")
+        else:
+            log.info("request body for {url} over {limit} bytes after {sent} were sent upstream: "
+                     "closing the client's connection", url=url, limit=self.maxRequestBodySize,
+                     sent=stream.sent)
+            if not request.finished and not request._disconnected:
+                _abort(request)
+        stream.abort(Failure(BodyAborted(f"request body over {self.maxRequestBodySize} bytes")))
 
     def _maxForwards(self, exchange: _Exchange) -> bool:
         """
@@ -1037,9 +1066,17 @@ class CachingProxyResource(Resource):
             cc = list(sent.getRawHeaders(b"cache-control", []))
             sent.setRawHeaders(b"cache-control", [b", ".join(cc + [b"only-if-cached"])])
         request = exchange.request
-        body = None
-        if request is not None and exchange.access.method not in ("GET", "HEAD") and _hasBody(request):
-            body = FileBodyProducer(_BodyReader(request.content), cooperator=_cooperator(self._reactor))
+        body: Any = None
+        stream: Optional[RequestBodyStream] = None
+        if request is not None and exchange.access.method not in ("GET", "HEAD"):
+            stream = getattr(request, "bodyStream", None)
+            if stream is not None:
+                # Streamed as it arrives (icpmesh.body.StreamingRequest).
+                body = stream
+            elif _hasBody(request):
+                # Read whole by twisted.web first (a plain Site).
+                request.content.seek(0)
+                body = FileBodyProducer(_BodyReader(request.content), cooperator=_cooperator(self._reactor))
         method = exchange.access.method.encode("latin-1") if request is None else request.method
         url = exchange.access.url.encode("latin-1")
         requestTime = self._reactor.seconds()
@@ -1047,7 +1084,11 @@ class CachingProxyResource(Resource):
 
         def gotResponse(response: Any) -> None:
             self.mesh.noteFetchSucceeded(route.neighbour)
-            if route.onlyIfCached and response.code == 504 and fetch.routes:
+            if stream is not None:
+                stream.answered = True
+            if route.onlyIfCached and response.code == 504 and fetch.routes and (
+                stream is None or stream.replayable()
+            ):
                 # The sibling no longer has it: try the next route.
                 response.deliverBody(_Discard())
                 self._tryRoutes(fetch, headers)
@@ -1055,17 +1096,33 @@ class CachingProxyResource(Resource):
             self._gotResponse(fetch, route, response, requestTime)
 
         def failed(f: Failure) -> None:
+            if stream is not None and (stream.clientGone or request.finished):
+                # The client went away during its upload (or the body broke
+                # the size limit): the upstream request was aborted for it.
+                self._release(fetch)
+                if stream.clientGone:
+                    log.info("client went away after {received} request body bytes for {url}; "
+                             "upstream request aborted", received=stream.received, url=exchange.access.url)
+                    self._log(exchange, "TCP_MISS_ABORTED", 0, 0,
+                              ("TIMEOUT_" if route.timedOut else "") + route.code,
+                              _peerName(route, exchange.access))
+                return
             if f.check(ConnectError, DNSLookupError, TimeoutError) or _isConnectFailure(f):
                 self.mesh.noteFetchFailed(route.neighbour)
+            detail = f"Could not fetch the object: {f.getErrorMessage()}"
             if fetch.routes:
-                self._tryRoutes(fetch, headers)
-                return
+                if stream is None or stream.replayable():
+                    self._tryRoutes(fetch, headers)
+                    return
+                # Part of the body went out and is not kept: it cannot be
+                # sent again to another route.
+                detail += " (the request body was partly sent, so no other route was tried)"
             timedOut = f.check(TimeoutError) is not None
             self._fetchFailed(
                 fetch, route,
                 504 if timedOut else 502,
                 "Gateway Timeout" if timedOut else "Bad Gateway",
-                f"Could not fetch the object: {f.getErrorMessage()}",
+                detail,
             )
 
         d.addCallbacks(gotResponse, failed)

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from icpmesh import __version__
+from icpmesh.body import StreamingRequest
 from icpmesh.config import ConfigError, MeshConfig, loadConfig
 from icpmesh.monitor import MeshMonitor
 from icpmesh.neighbours import Neighbour
@@ -78,8 +79,11 @@ class ProxySite(Site):
     """
     The proxy's C{Site}.  Requests are logged by the proxy in Squid's
     format, so C{twisted.web}'s own per-request log line (written to the
-    twistd log, on the hit path) is switched off.
+    twistd log, on the hit path) is switched off.  Request bodies are
+    streamed upstream as they arrive (L{StreamingRequest}).
     """
+
+    requestFactory = StreamingRequest
 
     #: Largest request header section the HTTP channel reads; the proxy
     #: answers 431 above its own, smaller or equal, limit.

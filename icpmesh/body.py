@@ -1,0 +1,405 @@
+# -*- test-case-name: tests.test_body -*-
+"""
+Request bodies streamed upstream as they arrive.
+
+C{twisted.web} normally reads a whole request body (into memory, or a
+temporary file when it is large) before it calls the resource.  A proxy
+would then hold every upload whole and start sending it upstream only at
+its end.  L{StreamingRequest} (the request class of
+L{icpmesh.service.ProxySite}) instead hands a request with a body to the
+resource as soon as its header section is complete, and feeds the body,
+chunk by chunk, to a L{RequestBodyStream}: the L{IBodyProducer} the proxy
+gives the upstream L{twisted.web.client.Agent}.
+
+Flow control works both ways: while the upstream connection is full (or
+not yet connected) at most L{HIGH_WATER} bytes are buffered, and the
+client's transport is paused beyond that.
+
+The next request on a persistent connection is parsed only once this
+one's body has been read to its end.  When the response is finished
+before that (an error answered early, an upstream that answered without
+reading everything), the rest of the body is read and dropped, up to
+L{DRAIN_LIMIT} bytes; the connection is closed instead when the body is
+larger, when the request was refused as too large, or when the client
+waits for C{100 Continue} and was never told to send its body.
+
+GET, HEAD and CONNECT requests, requests without a body, and sites whose
+resource does not set C{streamsRequestBodies} are handled exactly as by
+L{twisted.web.server.Request}.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.server import Request
+from zope.interface import implementer
+
+log = Logger()
+
+#: Body bytes held while the upstream cannot take them; beyond this the
+#: client's transport is paused.
+HIGH_WATER = 64 * 1024
+
+#: Body bytes read and dropped after the response was finished early before
+#: the connection is closed instead.
+DRAIN_LIMIT = 1024 * 1024
+
+#: Methods whose bodies are read whole first, as twisted.web does.
+_BUFFERED_METHODS = frozenset({b"GET", b"HEAD", b"CONNECT"})
+
+
+class BodyAborted(Exception):
+    """
+    The request body will not be sent in full: the client went away, or
+    the body broke a limit.
+    """
+
+
+@implementer(IBodyProducer)
+class RequestBodyStream:
+    """
+    A request body as it arrives from the client, as an L{IBodyProducer}
+    for the upstream agent.
+
+    It can be started again with another consumer (another route) as long
+    as no byte has been written to a consumer (L{replayable}); after that
+    the body is gone.
+
+    @ivar length: the body's length from C{Content-Length}, or
+        C{UNKNOWN_LENGTH} (sent chunked).
+    @ivar received: body bytes received from the client so far.
+    @ivar sent: body bytes written to an upstream consumer so far.
+    @ivar complete: the whole body has been received.
+    @ivar clientGone: the client disconnected before the body was complete.
+    @ivar answered: the upstream response has arrived (set by the proxy).
+    """
+
+    def __init__(self, request: "StreamingRequest", length: Optional[int]) -> None:
+        """
+        @param request: the request whose body this is.
+        @param length: the body's length, or C{None} when it is chunked.
+        """
+        self._request = request
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self.received = 0
+        self.sent = 0
+        self.complete = False
+        self.clientGone = False
+        self.answered = False
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._consumer: Any = None
+        self._deferred: Optional[Deferred[None]] = None
+        self._paused = False
+        self._dead = False
+        self._failure: Optional[Failure] = None
+
+    # -- IBodyProducer -------------------------------------------------------
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        """
+        Write the body to C{consumer}: what is buffered at once, the rest
+        as it arrives.
+        """
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._dead or self._consumer is not None:
+            return fail(BodyAborted("the request body was already sent elsewhere"))
+        self._consumer = consumer
+        self._paused = False
+        self._deferred = Deferred(lambda d: self._detachConsumer())
+        deferred = self._deferred
+        self._request.bodyWanted()
+        self._flush()
+        return deferred
+
+    def pauseProducing(self) -> None:
+        """
+        The upstream connection is full: hold further chunks.
+        """
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        """
+        The upstream connection can take more.
+        """
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """
+        The upstream connection went away.  Without a byte written the body
+        may still go to another route; otherwise it is dropped.
+        """
+        self._detachConsumer()
+
+    # -- what the proxy asks -------------------------------------------------
+
+    def replayable(self) -> bool:
+        """
+        Whether the body can still be given to another consumer: not a byte
+        of it went out and it was not aborted.
+        """
+        return self.sent == 0 and not self._dead and self._failure is None and self._consumer is None
+
+    def abort(self, reason: Failure) -> None:
+        """
+        Give up on the body: the upstream request fails with C{reason} (at
+        once if it is being sent, when it starts otherwise) and the rest of
+        the body is dropped.
+        """
+        self._failure = reason
+        self._drop()
+        deferred, self._deferred = self._deferred, None
+        self._consumer = None
+        if deferred is not None:
+            deferred.errback(reason)
+
+    # -- what the request tells ----------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        A chunk of the body arrived from the client.
+        """
+        self.received += len(data)
+        if self._dead:
+            return
+        if self._consumer is not None and not self._paused and not self._buffer:
+            self.sent += len(data)
+            self._consumer.write(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._request.pauseClient()
+
+    def bodyComplete(self) -> None:
+        """
+        The client sent the whole body.
+        """
+        self.complete = True
+        self._flush()
+
+    def clientLost(self, reason: Failure) -> None:
+        """
+        The client went away before the body was complete.
+        """
+        if self.complete:
+            return
+        self.clientGone = True
+        if self.answered:
+            # The upstream already answered: its connection is given up
+            # once the response ends; failing the request now would only
+            # be logged as an error by the client protocol.
+            self.detach()
+        else:
+            self.abort(reason)
+
+    def detach(self) -> None:
+        """
+        The response is finished: nobody wants the rest of the body.
+        """
+        self._detachConsumer()
+        self._drop()
+
+    # -- internals -----------------------------------------------------------
+
+    def _detachConsumer(self) -> None:
+        self._consumer = None
+        self._deferred = None
+        if self.sent:
+            self._drop()
+
+    def _drop(self) -> None:
+        self._dead = True
+        self._buffer.clear()
+        self._buffered = 0
+        self._request.resumeClient()
+
+    def _flush(self) -> None:
+        while self._buffer and self._consumer is not None and not self._paused:
+            data = self._buffer.popleft()
+            self._buffered -= len(data)
+            self.sent += len(data)
+            self._consumer.write(data)
+        if self._buffered <= HIGH_WATER // 2:
+            self._request.resumeClient()
+        if self.complete and not self._buffer and self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._consumer = None
+            deferred.callback(None)
+
+
+class StreamingRequest(Request):
+    """
+    A L{twisted.web.server.Request} that is rendered as soon as its header
+    section is complete when it has a body (and is not GET, HEAD or
+    CONNECT, and the site's resource says C{streamsRequestBodies}); the
+    body then arrives in L{bodyStream}.
+
+    @ivar bodyStream: the L{RequestBodyStream}, or C{None} when the body
+        is read whole first (then C{content} holds it, as usual).
+    @ivar bodyLimit: largest body accepted, checked as bytes arrive, or
+        C{None}; set by the resource.
+    @ivar onBodyTooLarge: called once when the body grows past
+        C{bodyLimit}; set by the resource.
+    """
+
+    bodyStream: Optional[RequestBodyStream] = None
+    bodyLimit: Optional[int] = None
+    onBodyTooLarge: Optional[Callable[[], None]] = None
+    _bodyDone = False
+    _cleanupPending = False
+    _expectContinue = False
+    _continued = False
+    _closing = False
+    _clientPaused = False
+    _overLimit = False
+    _closed = False
+
+    def gotLength(self, length: Optional[int]) -> None:
+        channel = self.channel
+        command = getattr(channel, "_command", None)
+        resource = getattr(getattr(channel, "site", None), "resource", None)
+        if (
+            length == 0
+            or not isinstance(command, bytes)
+            or command.upper() in _BUFFERED_METHODS
+            or not getattr(resource, "streamsRequestBodies", False)
+        ):
+            Request.gotLength(self, length)
+            return
+        version = channel._version
+        expect = self.requestHeaders.getRawHeaders(b"expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            # twisted.web would answer 100 Continue right after this method
+            # returns, before the resource has looked at the request; we
+            # answer it when the body is wanted upstream.
+            self._expectContinue = True
+            self.requestHeaders.removeHeader(b"expect")
+        self.bodyStream = RequestBodyStream(self, length)
+        # The body goes upstream, never here.
+        self.content = io.BytesIO()
+        self.method, self.uri, self.clientproto = command, channel._path, version
+        self.args = {}
+        self.path, _, query = self.uri.partition(b"?")
+        if query:
+            self.args = parse_qs(query, 1)
+        self.process()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        stream = self.bodyStream
+        if stream is None:
+            Request.handleContentChunk(self, data)
+            return
+        limit = self.bodyLimit
+        if limit is not None and not self._overLimit and stream.received + len(data) > limit:
+            # Checked before the chunk goes anywhere: it is never sent.
+            self._overLimit = True
+            if self.onBodyTooLarge is not None:
+                self.onBodyTooLarge()
+        stream.dataReceived(data)
+        if self._cleanupPending and stream.received > DRAIN_LIMIT:
+            self._close()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        stream = self.bodyStream
+        if stream is None:
+            Request.requestReceived(self, command, path, version)
+            return
+        # The body is complete (the request was processed at its headers).
+        self._bodyDone = True
+        stream.bodyComplete()
+        if self._cleanupPending:
+            self._cleanupPending = False
+            Request._cleanup(self)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.bodyStream is not None and not self._bodyDone:
+            if (self._expectContinue and not self._continued) or self.code == 413:
+                # The client must not send (the rest of) its body.
+                self._closing = True
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        Request.write(self, data)
+
+    def _cleanup(self) -> None:
+        stream = self.bodyStream
+        if stream is None or self._bodyDone:
+            Request._cleanup(self)
+            return
+        # The response is complete before the body: read and drop the rest
+        # (the next request must not be parsed from it), or close.
+        self._cleanupPending = True
+        stream.detach()
+        if self._closing or stream.received > DRAIN_LIMIT:
+            self._close()
+        else:
+            self.resumeClient()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._cleanupPending:
+            # The response was complete; only the rest of the body is lost.
+            notifications, self.notifications = self.notifications, []
+            for d in notifications:
+                d.callback(None)
+        Request.connectionLost(self, reason)
+        if self.bodyStream is not None and not self._bodyDone:
+            self.bodyStream.clientLost(reason)
+
+    # -- for the body stream -------------------------------------------------
+
+    def bodyWanted(self) -> None:
+        """
+        The body is about to go upstream: tell a client waiting for
+        C{100 Continue} to send it.
+        """
+        if self._expectContinue and not self._continued and not self.startedWriting:
+            self._continued = True
+            channel = self.channel
+            if channel is not None and channel.transport is not None:
+                channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def pauseClient(self) -> None:
+        """
+        Stop reading from the client until L{resumeClient}.
+        """
+        transport = self._clientTransport()
+        if not self._clientPaused and transport is not None:
+            self._clientPaused = True
+            transport.pauseProducing()
+
+    def resumeClient(self) -> None:
+        """
+        Read from the client again.
+        """
+        transport = self._clientTransport()
+        if self._clientPaused and transport is not None:
+            self._clientPaused = False
+            transport.resumeProducing()
+
+    def _clientTransport(self) -> Any:
+        channel = self.channel
+        if channel is None or self._closed:
+            return None
+        return channel.transport
+
+    def _close(self) -> None:
+        """
+        Close the connection after the response: the rest of the body is
+        not read, and no further request is parsed.
+        """
+        self._closing = True
+        channel = self.channel
+        if self._closed or channel is None:
+            return
+        self._closed = True
+        channel.persistent = False
+        channel.loseConnection()
