@@ -5,6 +5,7 @@ twistd as a user would start it, and a counting origin server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -52,12 +53,17 @@ class Origin:
 
     @ivar counts: requests per path.
     @ivar requests: C{(method, path, headers)} in arrival order.
+    @ivar uploads: C{(method, path, size, sha256 hex digest)} of each request
+        body (Content-Length or chunked), in arrival order.
+    @ivar received: request body bytes read so far, counted as they arrive.
     """
 
     def __init__(self, address: str = "127.0.0.1") -> None:
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
         self.counts: dict[str, int] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.uploads: list[tuple[str, str, int, str]] = []
+        self.received = 0
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,9 +75,7 @@ class Origin:
             def handle_one(self) -> None:
                 origin.counts[self.path] = origin.counts.get(self.path, 0) + 1
                 origin.requests.append((self.command, self.path, dict(self.headers)))
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                origin.readBody(self)
                 status, headers, body = origin.routes.get(
                     self.path,
                     (200, {"Cache-Control": "max-age=3600", "Content-Type": "text/plain"},
@@ -93,6 +97,39 @@ class Origin:
         self.address = address
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def readBody(self, handler: Any) -> None:
+        """
+        Read a request's body in pieces (chunked or by Content-Length),
+        counting the bytes as they arrive, and record its size and digest.
+        """
+        digest = hashlib.sha256()
+        size = 0
+
+        def take(n: int) -> None:
+            nonlocal size
+            while n:
+                data = handler.rfile.read(min(n, 65536))
+                if not data:
+                    raise ConnectionError("request body cut short")
+                digest.update(data)
+                size += len(data)
+                self.received += len(data)
+                n -= len(data)
+
+        if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(handler.rfile.readline().split(b";")[0].strip(), 16)
+                if n == 0:
+                    while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                take(n)
+                handler.rfile.readline()
+        else:
+            take(int(handler.headers.get("Content-Length") or 0))
+        if size or handler.command in ("POST", "PUT"):
+            self.uploads.append((handler.command, handler.path, size, digest.hexdigest()))
 
     def url(self, path: str) -> str:
         return f"http://{self.address}:{self.port}{path}"
