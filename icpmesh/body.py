@@ -369,10 +369,12 @@ class StreamingRequest(Request):
 
     def pauseClient(self) -> None:
         """
-        Stop reading from the client until L{resumeClient}.
+        Stop reading from the client until L{resumeClient}.  (Asked again
+        for every chunk over the mark: the channel may have resumed the
+        transport for its own reasons.)
         """
         transport = self._clientTransport()
-        if not self._clientPaused and transport is not None:
+        if transport is not None:
             self._clientPaused = True
             transport.pauseProducing()
 

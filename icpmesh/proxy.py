@@ -1060,16 +1060,24 @@ class CachingProxyResource(Resource):
                               "is not allowed).")
             return
         route = fetch.routes.pop(0)
+        request = exchange.request
+        stream: Optional[RequestBodyStream] = None
+        if request is not None and exchange.access.method not in ("GET", "HEAD"):
+            stream = getattr(request, "bodyStream", None)
+        if stream is not None and (stream.clientGone or request.finished):
+            # While routes were chosen the client left during its upload, or
+            # its body broke the size limit (answered already).
+            self._release(fetch)
+            if stream.clientGone:
+                self._clientLeft(exchange, route, stream)
+            return
         sent = headers
         if route.onlyIfCached:
             sent = headers.copy()
             cc = list(sent.getRawHeaders(b"cache-control", []))
             sent.setRawHeaders(b"cache-control", [b", ".join(cc + [b"only-if-cached"])])
-        request = exchange.request
         body: Any = None
-        stream: Optional[RequestBodyStream] = None
         if request is not None and exchange.access.method not in ("GET", "HEAD"):
-            stream = getattr(request, "bodyStream", None)
             if stream is not None:
                 # Streamed as it arrives (icpmesh.body.StreamingRequest).
                 body = stream
@@ -1101,11 +1109,7 @@ class CachingProxyResource(Resource):
                 # the size limit): the upstream request was aborted for it.
                 self._release(fetch)
                 if stream.clientGone:
-                    log.info("client went away after {received} request body bytes for {url}; "
-                             "upstream request aborted", received=stream.received, url=exchange.access.url)
-                    self._log(exchange, "TCP_MISS_ABORTED", 0, 0,
-                              ("TIMEOUT_" if route.timedOut else "") + route.code,
-                              _peerName(route, exchange.access))
+                    self._clientLeft(exchange, route, stream)
                 return
             if f.check(ConnectError, DNSLookupError, TimeoutError) or _isConnectFailure(f):
                 self.mesh.noteFetchFailed(route.neighbour)
@@ -1127,6 +1131,16 @@ class CachingProxyResource(Resource):
 
         d.addCallbacks(gotResponse, failed)
         d.addErrback(self._fetchCrashed, fetch)
+
+    def _clientLeft(self, exchange: _Exchange, route: Any, stream: RequestBodyStream) -> None:
+        """
+        Log a client that went away before its request body was complete
+        (the upstream request, if any, was aborted).
+        """
+        log.info("client went away after {received} request body bytes for {url}; "
+                 "upstream request aborted", received=stream.received, url=exchange.access.url)
+        self._log(exchange, "TCP_MISS_ABORTED", 0, 0,
+                  ("TIMEOUT_" if route.timedOut else "") + route.code, _peerName(route, exchange.access))
 
     def _fetchCrashed(self, f: Failure, fetch: _Fetch) -> None:
         log.failure("proxy error for {url}", f, url=fetch.leader.access.url)

@@ -13,7 +13,7 @@ import io
 from typing import Any, Optional, Sequence
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -25,7 +25,7 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from icpmesh.accesslog import AccessLog
-from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream, StreamingRequest
+from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream
 from icpmesh.interfaces import DIRECT, Route
 from icpmesh.proxy import CachingProxyResource
 from icpmesh.service import ProxySite
@@ -545,3 +545,17 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         channel.dataReceived(b"def")
         self.assertEqual(consumer.value(), b"abcdef")
         self.assertEqual(second.outcome, [None])
+
+    def test_clientGoneBeforeRoutes(self) -> None:
+        """
+        A client that leaves while the routes are being chosen: nothing is
+        fetched, and the abort is logged.
+        """
+        routes: Deferred[Any] = Deferred()
+        self.selector.selectRoutes = lambda request, neighbours, icp: routes  # type: ignore[method-assign]
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=10) + b"abc")
+        channel.connectionLost(Failure(ConnectionLost()))
+        routes.callback([DIRECT])
+        self.assertEqual(self.upstream.fetches, [])
+        self.assertIn("TCP_MISS_ABORTED/000", self.logLines()[-1])
