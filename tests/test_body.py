@@ -25,7 +25,7 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from icpmesh.accesslog import AccessLog
-from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream
+from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream, StreamingRequest
 from icpmesh.interfaces import DIRECT, Route
 from icpmesh.proxy import CachingProxyResource
 from icpmesh.service import ProxySite
@@ -249,6 +249,35 @@ class StreamingUploadTests(UploadTestMixin, SynchronousTestCase):
         [fetch] = self.upstream.fetches
         self.assertNotIsInstance(fetch.body, RequestBodyStream)
         self.assertEqual(fetch.body.length, 4)
+
+    def test_plainSiteWithStreamingRequest(self) -> None:
+        """
+        A plain Site given C{StreamingRequest} as its request factory (as
+        docs/embedding.md shows) streams too.
+        """
+        self.build(site=Site)
+        self.site.requestFactory = StreamingRequest
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=4) + b"ab")
+        [fetch] = self.upstream.fetches
+        self.assertIsInstance(fetch.body, RequestBodyStream)
+        self.assertEqual(fetch.connect().value(), b"ab")
+
+    def test_otherResourceBuffers(self) -> None:
+        """
+        Under a root resource that does not say C{streamsRequestBodies},
+        C{StreamingRequest} reads the whole body first, as twisted.web does.
+        """
+        origin = FakeOrigin(reactor=self.clock)
+        site = Site(origin, reactor=self.clock)
+        site.requestFactory = StreamingRequest
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(self.head(length=4, url="/a") + b"ab")
+        self.assertEqual(origin.requests, [])
+        channel.dataReceived(b"cd")
+        self.assertEqual(origin.requests[0].body, b"abcd")
 
     def test_inMemoryOrigin(self) -> None:
         """
