@@ -173,8 +173,7 @@ class RequestBodyStream:
         if self._dead:
             return
         if self._consumer is not None and not self._paused and not self._buffer:
-            self.sent += len(data)
-            self._consumer.write(data)
+            self._write(data)
             return
         self._buffer.append(data)
         self._buffered += len(data)
@@ -224,12 +223,22 @@ class RequestBodyStream:
         self._buffered = 0
         self._request.resumeClient()
 
+    def _write(self, data: bytes) -> None:
+        self.sent += len(data)
+        try:
+            self._consumer.write(data)
+        except Exception:
+            # The agent's consumer refuses more (it should have stopped us
+            # first): give the body up rather than let the client's
+            # connection see the error.
+            log.failure("writing a request body upstream failed")
+            self.abort(Failure())
+
     def _flush(self) -> None:
         while self._buffer and self._consumer is not None and not self._paused:
             data = self._buffer.popleft()
             self._buffered -= len(data)
-            self.sent += len(data)
-            self._consumer.write(data)
+            self._write(data)
         if self._buffered <= HIGH_WATER // 2:
             self._request.resumeClient()
         if self.complete and not self._buffer and self._deferred is not None:

@@ -46,12 +46,18 @@ from tests.test_proxy import (
 class RecordingConsumer:
     """
     The upstream connection a body producer writes to.
+
+    @ivar refuse: raise on write, as a consumer that was told no more
+        writes are expected does.
     """
 
     def __init__(self) -> None:
         self.data: list[bytes] = []
+        self.refuse = False
 
     def write(self, data: bytes) -> None:
+        if self.refuse:
+            raise RuntimeError("no more writes")
         self.data.append(data)
 
     def value(self) -> bytes:
@@ -588,3 +594,20 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         routes.callback([DIRECT])
         self.assertEqual(self.upstream.fetches, [])
         self.assertIn("TCP_MISS_ABORTED/000", self.logLines()[-1])
+
+    def test_consumerRefusesWrite(self) -> None:
+        """
+        A consumer that raises on write makes the upstream request fail; the
+        error does not reach the client's channel, which answers 502.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=6))
+        [fetch] = self.upstream.fetches
+        fetch.connect().refuse = True
+        channel.dataReceived(b"abc")
+        self.assertIsInstance(fetch.outcome[0], Failure)
+        fetch.result.errback(fetch.outcome[0])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(parseResponse(transport.value()).status, 502)
+        channel.dataReceived(b"def")
+        self.assertFalse(transport.disconnecting)
