@@ -611,3 +611,40 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         self.assertEqual(parseResponse(transport.value()).status, 502)
         channel.dataReceived(b"def")
         self.assertFalse(transport.disconnecting)
+
+    def test_upstreamAnswersEarly(self) -> None:
+        """
+        An upstream that answers before it has the whole body: the answer
+        reaches the client, the rest of the body is read and dropped, and
+        the connection serves the next request.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=6) + b"abc")
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        response = fetch.respond(code=401, length=2)
+        response.deliver(b"no")
+        response.finish()
+        self.assertEqual(parseResponse(transport.value()).status, 401)
+        self.assertEqual(len(pending(channel)), 1)
+        channel.dataReceived(b"def")
+        self.assertEqual(fetch.consumer.value(), b"abc")
+        self.assertEqual(len(pending(channel)), 0)
+        self.assertFalse(transport.disconnecting)
+
+    def test_clientGoneAfterAnswer(self) -> None:
+        """
+        A client that goes away mid-body after the upstream answered: the
+        upstream response is stopped (nothing stores it), and the body
+        producer is dropped quietly rather than failed (the client protocol
+        would log a failure it can do nothing with).
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=6) + b"abc")
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        response = fetch.respond(length=10)
+        response.deliver(b"part")
+        channel.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(response.transport.producerState, "stopped")
+        self.assertEqual(fetch.outcome, [])
