@@ -18,7 +18,9 @@ under secondary keys built from the request headers they vary on.
 
 Other methods are forwarded uncached and, when they succeed, invalidate
 what is stored for the URL and for the C{Location} and C{Content-Location}
-they name on the same origin.
+they name on the same origin.  Their bodies go upstream as they arrive when
+the request is an L{icpmesh.body.StreamingRequest} (the node's own site),
+from C{request.content} once twisted.web has read them whole otherwise.
 
 A body that breaks off is never stored, and the client's response is
 aborted rather than finished, so nobody is served a truncated object as if
