@@ -19,8 +19,8 @@ The next request on a persistent connection is parsed only once this
 one's body has been read to its end.  When the response is finished
 before that (an error answered early, an upstream that answered without
 reading everything), the rest of the body is read and dropped, up to
-L{DRAIN_LIMIT} bytes; the connection is closed instead when the body is
-larger, when the request was refused as too large, or when the client
+L{DRAIN_LIMIT} bytes; the connection is closed instead when the rest is
+longer, when the request was refused as too large, or when the client
 waits for C{100 Continue} and was never told to send its body.
 
 GET, HEAD and CONNECT requests, requests without a body, and sites whose
@@ -48,8 +48,9 @@ log = Logger()
 #: client's transport is paused.
 HIGH_WATER = 64 * 1024
 
-#: Body bytes read and dropped after the response was finished early before
-#: the connection is closed instead.
+#: Body bytes read and dropped after the response was finished early; a
+#: longer rest (by Content-Length, or as a chunked body goes on) gets the
+#: connection closed instead.
 DRAIN_LIMIT = 1024 * 1024
 
 #: Methods whose bodies are read whole first, as twisted.web does.
@@ -273,6 +274,7 @@ class StreamingRequest(Request):
     _clientPaused = False
     _overLimit = False
     _closed = False
+    _drainFrom = 0
 
     def gotLength(self, length: Optional[int]) -> None:
         channel = self.channel
@@ -316,7 +318,7 @@ class StreamingRequest(Request):
             if self.onBodyTooLarge is not None:
                 self.onBodyTooLarge()
         stream.dataReceived(data)
-        if self._cleanupPending and stream.received > DRAIN_LIMIT:
+        if self._cleanupPending and stream.received - self._drainFrom > DRAIN_LIMIT:
             self._close()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -347,8 +349,11 @@ class StreamingRequest(Request):
         # The response is complete before the body: read and drop the rest
         # (the next request must not be parsed from it), or close.
         self._cleanupPending = True
+        self._drainFrom = stream.received
         stream.detach()
-        if self._closing or stream.received > DRAIN_LIMIT:
+        if self._closing or (
+            isinstance(stream.length, int) and stream.length - stream.received > DRAIN_LIMIT
+        ):
             self._close()
         else:
             self.resumeClient()

@@ -471,14 +471,27 @@ class EarlyAnswerTests(UploadTestMixin, SynchronousTestCase):
     def test_largeRestClosed(self) -> None:
         """
         After an early answer, a body with more than DRAIN_LIMIT bytes
-        still to come is not read to its end: the connection is closed.
+        still to come (by its Content-Length) is not read: the connection
+        is closed at once.
         """
         self.access.http = False
         channel, transport = self.connect()
-        channel.dataReceived(self.head(length=DRAIN_LIMIT * 2))
-        channel.dataReceived(b"x" * 1000)
+        channel.dataReceived(self.head(length=DRAIN_LIMIT + 2000) + b"x" * 1000)
+        self.assertEqual(parseResponse(transport.value()).status, 403)
+        self.assertTrue(transport.disconnecting)
+
+    def test_longChunkedRestClosed(self) -> None:
+        """
+        After an early answer, a chunked body is read and dropped up to
+        DRAIN_LIMIT more bytes; then the connection is closed.
+        """
+        self.access.http = False
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None) + chunk(b"x" * 1000))
+        self.assertEqual(parseResponse(transport.value()).status, 403)
+        channel.dataReceived(chunk(b"x" * (DRAIN_LIMIT - 1000)))
         self.assertFalse(transport.disconnecting)
-        channel.dataReceived(b"x" * DRAIN_LIMIT)
+        channel.dataReceived(chunk(b"x"))
         self.assertTrue(transport.disconnecting)
 
     def test_pipelinedAfterBody(self) -> None:
