@@ -46,7 +46,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     FileBodyProducer,
-    HTTPConnectionPool,
     ProxyAgent,
     ResponseDone,
 )
@@ -76,6 +75,7 @@ from icpmesh.caching import (
 )
 from icpmesh.body import BodyAborted, RequestBodyStream
 from icpmesh.interfaces import AccessRequest, ObjectTooLarge, StoredResponse
+from icpmesh.upstreamclient import UpstreamConnectionPool
 
 log = Logger()
 
@@ -214,6 +214,10 @@ class Upstream:
     Fetches from origins and neighbours with C{twisted.web.client} over one
     persistent connection pool: an L{Agent} for the origins, a
     L{ProxyAgent} per neighbour (over TLS when the neighbour says C{tls}).
+
+    The pool is an L{UpstreamConnectionPool}: response headers named in
+    C{Connection} are removed, and 1xx interim responses go to the
+    C{interimReceived} of request headers that are L{InterimHeaders}.
     """
 
     def __init__(self, reactor: Any, connectTimeout: float = 30.0) -> None:
@@ -222,7 +226,7 @@ class Upstream:
         @param connectTimeout: seconds to wait for a connection to an origin.
         """
         self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = UpstreamConnectionPool(reactor, persistent=True)
         # Enough idle connections per origin that a burst of misses does not
         # keep opening new ones (each costs a connect, and a lookup).
         self.pool.maxPersistentPerHost = 128

@@ -1411,6 +1411,46 @@ class CollapsedForwardingTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(self.origin.counts["/a"], 2)
 
 
+class HopByHopResponseTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    Response headers the origin lists in C{Connection} are for one hop.
+    """
+
+    HEADERS = [("Cache-Control", "max-age=60"), ("Connection", "a, B"), ("a", "1"), ("b", "2"), ("c", "3")]
+
+    def test_connectionListedNotForwardedNorStored(self) -> None:
+        """
+        C{Connection: a, B} keeps C{a} and C{b} from the client and from
+        the store (so from a later hit); C{c} goes through both times.
+        """
+        self.origin.setResponse("/a", b"hello", headers=self.HEADERS)
+        for expected in ("MISS", "HIT"):
+            response = self.get()
+            self.assertTrue(response.header("x-cache").startswith(expected))
+            self.assertEqual(response.body, b"hello")
+            self.assertIsNone(response.header("a"))
+            self.assertIsNone(response.header("b"))
+            self.assertEqual(response.header("c"), "3")
+        entry = self.successResultOf(self.store.get("http://origin.test/a"))
+        self.assertEqual([v for k, v in entry.meta.headers if k in (b"a", b"b")], [])
+
+    def test_throughNeighbour(self) -> None:
+        """
+        The same for a response fetched through a neighbour.
+        """
+        parent = FakeNeighbour("parent", type="parent")
+        parentOrigin = FakeOrigin(reactor=self.clock)
+        parentOrigin.setResponse("/a", b"p", headers=self.HEADERS)
+        self.neighbourResources[parent] = parentOrigin
+        self.mesh.neighbours = [parent]
+        self.selector.routes = [Route(parent, "FIRST_PARENT_MISS")]
+        self.build()
+        response = self.get()
+        self.assertEqual(response.body, b"p")
+        self.assertIsNone(response.header("a"))
+        self.assertEqual(response.header("c"), "3")
+
+
 class AccessLogIntegrationTests(ProxyTestMixin, SynchronousTestCase):
     """
     What the proxy writes to the access log.

@@ -13,7 +13,8 @@ headers.
 L{InMemoryUpstream} is an upstream for
 L{icpmesh.proxy.CachingProxyResource} that sends its requests to resources
 in memory (a L{FakeOrigin} for the origin, any resource per neighbour)
-through C{treq.testing.RequestTraversalAgent}; nothing opens a socket::
+over C{twisted.test.iosim} connections, with the client stack of
+L{icpmesh.proxy.Upstream}; nothing opens a socket::
 
     origin = FakeOrigin(reactor=clock)
     origin.setResponse("/a", b"hello", headers={"Cache-Control": "max-age=60"})
@@ -34,8 +35,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.http import datetimeToString, stringToDatetime
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 HeaderSpec = Union[Mapping[str, Union[str, Sequence[str]]], Sequence[tuple[str, str]], None]
 
@@ -51,6 +54,8 @@ class OriginResponse:
     @ivar conditional: answer matching C{If-None-Match} /
         C{If-Modified-Since} requests with 304.
     @ivar chunked: send the body without C{Content-Length} (chunked).
+    @ivar interim: 1xx interim responses sent before this one, each as
+        C{(status, headers)} with C{(name, value)} text pairs.
     """
 
     status: int = 200
@@ -58,6 +63,7 @@ class OriginResponse:
     headers: Sequence[tuple[str, str]] = ()
     conditional: bool = True
     chunked: bool = False
+    interim: Sequence[tuple[int, Sequence[tuple[str, str]]]] = ()
 
     def header(self, name: str) -> Optional[str]:
         """
@@ -144,14 +150,20 @@ class FakeOrigin(Resource):
         headers: HeaderSpec = None,
         conditional: bool = True,
         chunked: bool = False,
+        interim: Sequence[tuple[int, HeaderSpec]] = (),
     ) -> OriginResponse:
         """
         Serve this response for C{path} (path and query, for example
         C{"/a?b=1"}) from now on.
 
+        @param interim: 1xx responses to send first, as C{(status,
+            headers)}.
         @return: the L{OriginResponse}.
         """
-        response = OriginResponse(status, body, _headerPairs(headers), conditional, chunked)
+        response = OriginResponse(
+            status, body, _headerPairs(headers), conditional, chunked,
+            tuple((code, _headerPairs(fields)) for code, fields in interim),
+        )
         self._responses[path] = response
         return response
 
@@ -215,6 +227,12 @@ class FakeOrigin(Resource):
             response = configured
         else:
             response = configured(received)
+        for code, fields in response.interim:
+            # twisted.web has no API for 1xx responses: write them to the
+            # connection, as it does for 100 Continue.
+            lines = [b"HTTP/1.1 %d Interim" % (code,)]
+            lines += [f"{name}: {value}".encode("latin-1") for name, value in fields]
+            request.channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
         request.setHeader(b"date", datetimeToString(int(self._reactor.seconds())))
         status = response.status
         if response.conditional and status == 200 and _notModified(received, response):
@@ -262,10 +280,82 @@ def _notModified(received: ReceivedRequest, response: OriginResponse) -> bool:
     return False
 
 
+@implementer(IAgentEndpointFactory)
+class _LoopbackEndpoints:
+    """
+    Plain TCP endpoints on 127.0.0.1 for every URL (on a memory reactor:
+    nothing connects, L{_MemoryAgent} wires the connection up itself).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def endpointForURI(self, uri: Any) -> Any:
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        return TCP4ClientEndpoint(self._reactor, "127.0.0.1", uri.port)
+
+
+class _MemoryAgent:
+    """
+    An agent that sends its requests to a resource in memory, through the
+    same client stack as L{icpmesh.proxy.Upstream} (an L{Agent} over an
+    L{UpstreamConnectionPool}), over L{iosim} transports.
+    """
+
+    def __init__(self, resource: Any) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import Agent
+        from twisted.web.server import Site
+
+        from icpmesh.upstreamclient import UpstreamConnectionPool
+
+        self._reactor = MemoryReactorClock()
+        self._agent = Agent.usingEndpointFactory(
+            self._reactor, _LoopbackEndpoints(self._reactor),
+            pool=UpstreamConnectionPool(self._reactor, persistent=False),
+        )
+        self._site = Site(resource, reactor=self._reactor)
+        self._pumps: list[Any] = []
+
+    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> Deferred[Any]:
+        from twisted.internet.address import IPv4Address
+        from twisted.test import iosim
+
+        before = len(self._reactor.tcpClients)
+        d = self._agent.request(method, url, headers, body)
+        if len(self._reactor.tcpClients) == before:
+            return d  # failed before connecting (a bad URL)
+        port = self._reactor.tcpClients[-1][1]
+        factory = self._reactor.tcpClients[-1][2]
+        serverAddress = IPv4Address("TCP", "127.0.0.1", port)
+        clientAddress = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = self._site.buildProtocol(clientAddress)
+        client = factory.buildProtocol(serverAddress)
+        pump = iosim.connect(
+            server, iosim.FakeTransport(server, True, serverAddress, clientAddress),
+            client, iosim.FakeTransport(client, False, clientAddress, serverAddress),
+        )
+        self._pumps.append(pump)
+        return d
+
+    def flush(self) -> None:
+        """
+        Carry the bytes of every open in-memory connection.
+        """
+        pumps = self._pumps
+        self._pumps = []
+        for pump in pumps:
+            pump.flush()
+            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
+                self._pumps.append(pump)
+
+
 class InMemoryUpstream:
     """
     An upstream for L{icpmesh.proxy.CachingProxyResource} that talks to
-    resources in memory.
+    resources in memory, with the client stack L{icpmesh.proxy.Upstream}
+    uses (L{icpmesh.upstreamclient}).
 
     @ivar fetches: every fetch as C{(neighbour, method, url, headers)}.
     @ivar refused: neighbours (or C{None} for the origin) whose connections
@@ -277,11 +367,9 @@ class InMemoryUpstream:
         @param origin: the resource that answers direct fetches.
         @param neighbours: a resource per neighbour object.
         """
-        from treq.testing import RequestTraversalAgent
-
-        self._agents: dict[Any, Any] = {None: RequestTraversalAgent(origin)}
+        self._agents: dict[Any, Any] = {None: _MemoryAgent(origin)}
         for neighbour, resource in (neighbours or {}).items():
-            self._agents[neighbour] = RequestTraversalAgent(resource)
+            self._agents[neighbour] = _MemoryAgent(resource)
         self.fetches: list[tuple[Any, bytes, bytes, Headers]] = []
         self.refused: set[Any] = set()
 
