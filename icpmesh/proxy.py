@@ -49,7 +49,7 @@ from twisted.web.client import (
     ProxyAgent,
     ResponseDone,
 )
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from twisted.web.resource import Resource
@@ -75,7 +75,7 @@ from icpmesh.caching import (
 )
 from icpmesh.body import BodyAborted, RequestBodyStream
 from icpmesh.interfaces import AccessRequest, ObjectTooLarge, StoredResponse
-from icpmesh.upstreamclient import UpstreamConnectionPool
+from icpmesh.upstreamclient import InterimHeaders, UpstreamConnectionPool
 
 log = Logger()
 
@@ -557,7 +557,8 @@ class CachingProxyResource(Resource):
             default.
         @param upstream: has C{fetch(neighbour, method, url, headers,
             bodyProducer)} returning a Deferred L{IResponse}; an L{Upstream}
-            by default.
+            by default.  C{headers} are L{InterimHeaders}: an upstream that
+            can calls their C{interimReceived} for each 1xx response.
         @param accessLog: an L{icpmesh.accesslog.AccessLog}, or C{None}.
         @param connectPorts: ports CONNECT may reach (443 by default).
         @param maxRequestHeaderSize: see the instance variable.
@@ -1010,7 +1011,9 @@ class CachingProxyResource(Resource):
         if collapsible and exchange.key not in self._inflight:
             self._inflight[exchange.key] = fetch
         request = exchange.request
-        headers = Headers()
+        headers = InterimHeaders(
+            interimReceived=lambda code, phrase, interim: self._interim(fetch, code, phrase, interim)
+        )
         for name, values in endToEndHeaders(request.requestHeaders):
             if name not in _FRAMING:
                 headers.setRawHeaders(name, values)
@@ -1226,6 +1229,45 @@ class CachingProxyResource(Resource):
         return False
 
     # -- responses ----------------------------------------------------------
+
+    def _interim(self, fetch: _Fetch, code: int, phrase: bytes, headers: Headers) -> None:
+        """
+        Pass a 1xx interim response on (RFC 9110 section 15.2), before the
+        final response, to the client whose request started C{fetch}.
+
+        Not to clients that joined the fetch (they get only the final
+        response), nor to HTTP/1.0 clients, nor once the final response has
+        begun.  C{100 Continue} is not passed on: twisted.web answers the
+        client's C{Expect: 100-continue} itself.  C{101} is not supported
+        (requests upstream never carry C{Upgrade}).  Interim responses are
+        never stored, and their headers do not go into the final response.
+        Like twisted.web's own C{100 Continue}, it is written to the
+        client's connection directly, so only for HTTP/1.1 channels.
+        """
+        if code in (100, 101) or fetch.background:
+            return
+        exchange = fetch.leader
+        request = exchange.request
+        if (
+            exchange.gone
+            or request is None
+            or request.clientproto != b"HTTP/1.1"
+            or request.startedWriting
+            or request.finished
+            or request._disconnected
+        ):
+            return
+        channel = request.channel
+        if not isinstance(channel, HTTPChannel) or channel.transport is None:
+            return
+        lines = [b"HTTP/1.1 %d %s" % (code, phrase.translate(_CONTROLS))]
+        # (Twisted's Headers have already refused invalid field names and
+        # turned CR and LF in values into spaces.)
+        for name, values in endToEndHeaders(headers):
+            for value in values:
+                lines.append(name + b": " + value.translate(_CONTROLS))
+        lines.append(b"via: " + self.via)
+        channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
 
     def _gotResponse(self, fetch: _Fetch, route: Any, response: Any, requestTime: float) -> None:
         exchange = fetch.leader
@@ -1766,6 +1808,9 @@ def _addValidators(headers: Headers, meta: StoredResponse) -> None:
     if lastModified is not None:
         headers.setRawHeaders(b"if-modified-since", [lastModified])
 
+
+#: Translation table: control characters (but tab) become spaces.
+_CONTROLS = bytes(b if b >= 0x20 and b != 0x7F or b == 0x09 else 0x20 for b in range(256))
 
 def _markGone(exchange: _Exchange) -> None:
     exchange.gone = True

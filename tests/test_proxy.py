@@ -1451,6 +1451,101 @@ class HopByHopResponseTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(response.header("c"), "3")
 
 
+def splitInterim(data: bytes) -> tuple[list[tuple[int, list[bytes]]], bytes]:
+    """
+    The 1xx responses at the start of C{data}, each as C{(status, header
+    lines)}, and the bytes after them.
+    """
+    interim = []
+    while data.startswith(b"HTTP/1.1 1"):
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        interim.append((int(lines[0].split()[1]), lines[1:]))
+    return interim, data
+
+
+class InterimResponseTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    1xx responses from upstream reach the client before the final one
+    (RFC 9110 section 15.2), and are never stored.
+    """
+
+    LINK = "</s.css>; rel=preload; as=style"
+
+    def setResponse(self, interim: Any) -> None:
+        self.origin.setResponse("/a", b"final", headers={"Cache-Control": "max-age=60"}, interim=interim)
+
+    def test_forwardedThenFinal(self) -> None:
+        """
+        A 102 and a 103 are forwarded in order, with their headers and our
+        C{Via}, before the final response; the final response and a later
+        hit carry no header of theirs and no interim response.
+        """
+        self.setResponse([(102, {}), (103, {"Link": self.LINK, "X-My-Header": "test"})])
+        client = self.request()
+        interim, rest = splitInterim(client.transport.value())
+        self.assertEqual([code for code, _ in interim], [102, 103])
+        self.assertIn(b"link: " + self.LINK.encode(), interim[1][1])
+        self.assertIn(b"x-my-header: test", interim[1][1])
+        self.assertTrue(all(any(line.startswith(b"via: 1.1 proxy.test") for line in lines)
+                            for _, lines in interim))
+        final = parseResponse(rest)
+        self.assertEqual((final.status, final.body), (200, b"final"))
+        self.assertIsNone(final.header("link"))
+        self.assertIsNone(final.header("x-my-header"))
+        hit = self.request()
+        self.assertTrue(hit.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertIsNone(hit.response().header("x-my-header"))
+        self.assertEqual(hit.response().header("x-cache"), "HIT from proxy.test")
+
+    def test_notToHTTP10Client(self) -> None:
+        """
+        An HTTP/1.0 client gets only the final response (an HTTP/1.1
+        client asking for the same, not stored, gets the 103 too).
+        """
+        self.origin.setResponse("/a", b"final", headers={"Cache-Control": "no-store"},
+                                interim=[(103, {"Link": self.LINK})])
+        client = Client(self.site)
+        client.channel.dataReceived(b"GET " + URL.encode() + b" HTTP/1.0\r\nHost: origin.test\r\n\r\n")
+        self.flush()
+        self.assertTrue(client.transport.value().startswith(b"HTTP/1.0 200 "))
+        self.assertEqual([c for c, _ in splitInterim(self.request().transport.value())[0]], [103])
+
+    def test_continueNotForwarded(self) -> None:
+        """
+        An upstream C{100 Continue} is not passed on; a 103 after it is.
+        """
+        self.setResponse([(100, {}), (103, {"Link": self.LINK})])
+        interim, rest = splitInterim(self.request().transport.value())
+        self.assertEqual([c for c, _ in interim], [103])
+        self.assertTrue(rest.startswith(b"HTTP/1.1 200 "))
+
+    def test_onlyToLeader(self) -> None:
+        """
+        Of clients sharing one fetch, the one that started it gets the
+        interim response; the ones that joined get only the final one.
+        """
+        self.setResponse([(103, {"Link": self.LINK})])
+        self.origin.hold("/a")
+        leader = self.request()
+        follower = self.request()
+        self.origin.release("/a")
+        self.flush()
+        self.assertEqual(self.origin.counts["/a"], 1)
+        self.assertEqual([c for c, _ in splitInterim(leader.transport.value())[0]], [103])
+        self.assertTrue(follower.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(follower.response().body, b"final")
+
+    def test_controlCharactersCleaned(self) -> None:
+        """
+        Control characters inside an interim header value (a bare CR, a
+        C{^A}) become spaces.
+        """
+        self.setResponse([(103, [("X-A", "1\r2\x01x")])])
+        interim, _ = splitInterim(self.request().transport.value())
+        self.assertIn(b"x-a: 1 2 x", interim[0][1])
+
+
 class AccessLogIntegrationTests(ProxyTestMixin, SynchronousTestCase):
     """
     What the proxy writes to the access log.
