@@ -75,7 +75,7 @@ from icpmesh.caching import (
 )
 from icpmesh.body import BodyAborted, RequestBodyStream
 from icpmesh.interfaces import AccessRequest, ObjectTooLarge, StoredResponse
-from icpmesh.upstreamclient import InterimHeaders, UpstreamConnectionPool
+from icpmesh.upstreamclient import CONTROLS_TO_SPACES, InterimHeaders, UpstreamConnectionPool
 
 log = Logger()
 
@@ -1260,12 +1260,12 @@ class CachingProxyResource(Resource):
         channel = request.channel
         if not isinstance(channel, HTTPChannel) or channel.transport is None:
             return
-        lines = [b"HTTP/1.1 %d %s" % (code, phrase.translate(_CONTROLS))]
+        lines = [b"HTTP/1.1 %d %s" % (code, phrase)]
         # (Twisted's Headers have already refused invalid field names and
-        # turned CR and LF in values into spaces.)
+        # turned CR and LF in values into spaces; the phrase is clean.)
         for name, values in endToEndHeaders(headers):
             for value in values:
-                lines.append(name + b": " + value.translate(_CONTROLS))
+                lines.append(name + b": " + value.translate(CONTROLS_TO_SPACES))
         lines.append(b"via: " + self.via)
         channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
 
@@ -1808,9 +1808,6 @@ def _addValidators(headers: Headers, meta: StoredResponse) -> None:
     if lastModified is not None:
         headers.setRawHeaders(b"if-modified-since", [lastModified])
 
-
-#: Translation table: control characters (but tab) become spaces.
-_CONTROLS = bytes(b if b >= 0x20 and b != 0x7F or b == 0x09 else 0x20 for b in range(256))
 
 def _markGone(exchange: _Exchange) -> None:
     exchange.gone = True

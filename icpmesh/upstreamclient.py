@@ -15,6 +15,9 @@ a proxy needs and C{twisted.web.client} does not offer.
     of the request's headers when they are L{InterimHeaders}; the final
     response then arrives as usual.
 
+Control characters in a response's reason phrase become spaces too: the
+proxy passes the phrase on to its clients.
+
 Everything Twisted-private this depends on is in this module, and
 C{tests/test_upstreamclient.py} fails if a Twisted upgrade breaks it:
 
@@ -48,6 +51,10 @@ log = Logger()
 
 #: Receives one interim response: C{(code, phrase, headers)}.
 InterimCallback = Callable[[int, bytes, Headers], None]
+
+
+#: Translation table: control characters (but tab) become spaces.
+CONTROLS_TO_SPACES = bytes(b if (b >= 0x20 and b != 0x7F) or b == 0x09 else 0x20 for b in range(256))
 
 
 def connectionTokens(values: Iterable[bytes]) -> set[bytes]:
@@ -99,6 +106,9 @@ class _UpstreamParser(HTTPClientParser):
         for name in listed:
             self.headers.removeHeader(name)
         response = self.response
+        # The reason phrase is passed on to clients as it is: no control
+        # characters (a bare CR) in it.
+        response.phrase = response.phrase.translate(CONTROLS_TO_SPACES)
         if 100 <= response.code < 200:
             callback = self.interimReceived
             if callback is not None:

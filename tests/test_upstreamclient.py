@@ -175,6 +175,15 @@ class ConnectionHeaderTests(SynchronousTestCase):
         connection.receive(b"HTTP/1.1 200 OK\r\nConnection: a\r\na: 1\r\nContent-Length: 0\r\n\r\n")
         self.assertIsNone(result(d, self).headers.getRawHeaders(b"a"))
 
+    def test_phraseControlCharacters(self) -> None:
+        """
+        Control characters in the reason phrase (a bare CR) become spaces;
+        tabs and other bytes stay.
+        """
+        d, connection = self.request()
+        connection.receive(b"HTTP/1.1 200 O\rK\x01\tfine\xe9\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(result(d, self).phrase, b"O K \tfine\xe9")
+
     def test_connectionTokens(self) -> None:
         """
         L{connectionTokens} lower-cases, strips and skips empty members.
