@@ -1498,6 +1498,24 @@ class InterimResponseTests(ProxyTestMixin, SynchronousTestCase):
         self.assertIsNone(hit.response().header("x-my-header"))
         self.assertEqual(hit.response().header("x-cache"), "HIT from proxy.test")
 
+    def test_sameConnectionAfterInterim(self) -> None:
+        """
+        The client's connection stays usable: a second request on it, after
+        a response that had a 103, gets its own answer (a hit) after the
+        first one.
+        """
+        self.setResponse([(103, {"Link": self.LINK})])
+        client = self.request()
+        client.send("GET", URL)
+        self.flush()
+        interim, rest = splitInterim(client.transport.value())
+        self.assertEqual([c for c, _ in interim], [103])
+        first = parseResponse(rest)
+        self.assertEqual(first.body, b"final")
+        second = parseResponse(rest[rest.index(b"final") + len(b"final"):])
+        self.assertEqual((second.status, second.body, second.header("x-cache")),
+                         (200, b"final", "HIT from proxy.test"))
+
     def test_notToHTTP10Client(self) -> None:
         """
         An HTTP/1.0 client gets only the final response (an HTTP/1.1
