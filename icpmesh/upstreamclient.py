@@ -97,6 +97,12 @@ class InterimHeaders(Headers):
         return copy
 
 
+#: Fields Twisted's parser always files under C{connHeaders}, never in the
+#: response's headers (C{Content-Length} is in the headers of a HEAD
+#: response, so it is not one of them).
+_NEVER_IN_HEADERS = frozenset(HTTPClientParser.CONNECTION_CONTROL_HEADERS) - {b"content-length"}
+
+
 class _UpstreamParser(HTTPClientParser):
     """
     Twisted's response parser, removing Connection-listed fields and
@@ -106,9 +112,11 @@ class _UpstreamParser(HTTPClientParser):
     interimReceived: Optional[InterimCallback] = None
 
     def allHeadersReceived(self) -> None:
-        listed = connectionTokens(self.connHeaders.getRawHeaders(b"connection", ()))
-        for name in listed:
-            self.headers.removeHeader(name)
+        listed = self.connHeaders.getRawHeaders(b"connection")
+        if listed:
+            for name in connectionTokens(listed):
+                if name not in _NEVER_IN_HEADERS:
+                    self.headers.removeHeader(name)
         response = self.response
         # The reason phrase is passed on to clients as it is: no control
         # characters (a bare CR) in it.
