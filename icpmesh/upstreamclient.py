@@ -21,6 +21,8 @@ proxy passes the phrase on to its clients.
 Everything Twisted-private this depends on is in this module, and
 C{tests/test_upstreamclient.py} fails if a Twisted upgrade breaks it:
 
+ - the classes come from C{twisted.web._newclient} (C{HTTP11ClientProtocol},
+   C{HTTPClientParser}) and C{twisted.web.client._HTTP11ClientFactory};
  - L{UpstreamConnectionPool} is an C{HTTPConnectionPool} whose C{_factory}
    (private; C{HTTPConnectionPool._newConnection} calls it with a
    quiescent callback and a description) builds L{UpstreamClientProtocol}s;
