@@ -253,6 +253,26 @@ class ICachedObject(Interface):
         """
 
 
+class IRangedCachedObject(ICachedObject):
+    """
+    An L{ICachedObject} that can write part of its body without reading the
+    rest, for byte-range requests (C{Range: bytes=...}).  Optional: the
+    proxy serves ranges from any L{ICachedObject}, but for one that does
+    not provide this it reads the whole body through L{writeTo} and drops
+    the bytes outside the range.
+    """
+
+    def writeRangeTo(consumer: Any, offset: int, length: int) -> "Deferred[None]":
+        """
+        Write bytes C{[offset, offset + length)} of the body to C{consumer},
+        honouring its flow control like L{ICachedObject.writeTo}.  The
+        proxy only asks for ranges inside the body (C{length >= 1},
+        C{offset + length <= size}).  Fires when those bytes have been
+        written; fails if they could not be read, in which case the caller
+        must not finish the response as if it were complete.
+        """
+
+
 class IObjectStore(Interface):
     """
     A cache of HTTP responses keyed by text keys.
