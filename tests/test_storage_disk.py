@@ -536,6 +536,61 @@ class CrashSafetyTests(DiskTestMixin, TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
         self.assertFalse(os.path.exists(self.objectPath(store, key)))
 
+    @inlineCallbacks
+    def test_largeBodyRangeReadsOnlyRange(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        C{writeRangeTo} on a large (streamed) body reads only the bytes of
+        the range from the file, and serves them even when a bit outside
+        the range is flipped (a partial read cannot check the body's CRC).
+        """
+        def damage(path: str) -> None:
+            with open(path, "r+b") as f:
+                f.seek(PREFIX_SIZE + 100 * KIB)
+                byte = f.read(1)
+                f.seek(PREFIX_SIZE + 100 * KIB)
+                f.write(bytes([byte[0] ^ 0x80]))
+
+        size = 2 * MIB
+        store = yield self.damaged(damage, size=size)
+        body = makeBody(size, seed=1)
+        reads: list[int] = []
+        inThread = store._inThread
+
+        def recording(f: Any, *args: Any) -> Any:
+            if f.__name__ == "_readChunk":
+                reads.append(args[1])
+            return inThread(f, *args)
+
+        store._inThread = recording  # type: ignore[method-assign]
+        obj = yield store.get("http://example.com/damaged")
+        consumer = FlowControlledConsumer(reactor)
+        yield obj.writeRangeTo(consumer, MIB + 5, 300 * KIB)
+        self.assertTrue(consumer.value() == body[MIB + 5 : MIB + 5 + 300 * KIB])
+        self.assertEqual(reads, [256 * KIB, 44 * KIB])
+        self.assertEqual(consumer.violations, [])
+        self.assertIsNone(consumer.producer)
+
+    @inlineCallbacks
+    def test_largeBodyWholeRangeChecked(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A range that is the whole of a large body is checked like
+        C{writeTo}: a flipped bit fails it with L{CorruptObject}.
+        """
+        def damage(path: str) -> None:
+            with open(path, "r+b") as f:
+                f.seek(PREFIX_SIZE + 400 * KIB)
+                byte = f.read(1)
+                f.seek(PREFIX_SIZE + 400 * KIB)
+                f.write(bytes([byte[0] ^ 0x80]))
+
+        size = 1 * MIB
+        store = yield self.damaged(damage, size=size)
+        obj = yield store.get("http://example.com/damaged")
+        consumer = FlowControlledConsumer(reactor)
+        failure = yield self.failureOf(obj.writeRangeTo(consumer, 0, size))
+        self.assertIsInstance(failure, CorruptObject)
+        self.assertTrue(len(consumer.value()) < size)
+
 
 TRAILER = 20
 

@@ -76,6 +76,7 @@ from zope.interface import implementer
 
 from icpmesh.interfaces import (
     ICachedObject,
+    IRangedCachedObject,
     IObjectStore,
     IObjectStorePlugin,
     IObjectWriter,
@@ -334,7 +335,7 @@ def _fsyncDirectory(path: str) -> None:
 # Reading
 
 
-@implementer(ICachedObject)
+@implementer(IRangedCachedObject)
 class DiskObject:
     """
     A complete object read from a L{DiskStore}.  Holds its file open, so it
@@ -373,6 +374,29 @@ class DiskObject:
             return fail(ValueError("object closed"))
         return _BodyProducer(self._store, self, consumer).start()
 
+    def writeRangeTo(self, consumer: Any, offset: int, length: int) -> Deferred[None]:
+        """
+        Write bytes C{[offset, offset + length)} of the body to C{consumer}:
+        from memory for small bodies (already read and checked), else
+        streamed from the file like L{writeTo}, reading only those bytes.
+
+        A range of a large body that is not the whole body is not checked
+        against the body's CRC-32: that would mean reading all of it.  The
+        file's framing (magic, metadata checksum, trailer, length) was
+        checked when it was opened, and a file that turns out shorter
+        still fails the read with L{CorruptObject}.
+        """
+        body = self._info.body
+        if body is not None:
+            if length > 0:
+                consumer.write(body[offset : offset + length])
+            return succeed(None)
+        if length <= 0:
+            return succeed(None)
+        if self._fd is None:
+            return fail(ValueError("object closed"))
+        return _BodyProducer(self._store, self, consumer, offset, length).start()
+
     def close(self) -> None:
         """
         Close the file now.  Later L{writeTo} calls fail for large bodies.
@@ -404,13 +428,18 @@ class _BodyProducer:
     paused.
     """
 
-    def __init__(self, store: DiskStore, obj: DiskObject, consumer: Any) -> None:
+    def __init__(self, store: DiskStore, obj: DiskObject, consumer: Any,
+                 offset: int = 0, length: Optional[int] = None) -> None:
         self._store = store
         self._obj = obj
         self._consumer = consumer
         info = obj._info
-        self._offset = info.bodyOffset
-        self._end = info.bodyOffset + info.bodyLength
+        if length is None:
+            length = info.bodyLength - offset
+        self._offset = info.bodyOffset + offset
+        self._end = self._offset + length
+        # The CRC can be checked only when the whole body is read.
+        self._checked = offset == 0 and length == info.bodyLength
         self._crc = 0
         self._paused = False
         self._reading = False
@@ -454,8 +483,8 @@ class _BodyProducer:
             return
         self._offset += len(data)
         self._crc = crc
-        if self._offset == self._end:
-            if crc != self._obj._info.bodyCRC:
+        if self._offset >= self._end:
+            if self._checked and crc != self._obj._info.bodyCRC:
                 self._corrupt("body checksum mismatch")
                 return
             self._consumer.write(data)

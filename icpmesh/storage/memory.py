@@ -41,6 +41,7 @@ from icpmesh.interfaces import (
     IObjectStore,
     IObjectStorePlugin,
     IObjectWriter,
+    IRangedCachedObject,
     ObjectTooLarge,
     StoredResponse,
 )
@@ -54,7 +55,7 @@ DEFAULT_MAX_OBJECT_SIZE = 8 * 1024**2
 PROTECTED_FRACTION = 0.8
 
 
-@implementer(ICachedObject)
+@implementer(IRangedCachedObject)
 class MemoryObject:
     """
     One complete object as the memory store holds it.  Immutable once
@@ -92,6 +93,17 @@ class MemoryObject:
         """
         if self.body:
             consumer.write(self.body)
+        return succeed(None)
+
+    def writeRangeTo(self, consumer: Any, offset: int, length: int) -> Deferred[None]:
+        """
+        Write bytes C{[offset, offset + length)} of the body to C{consumer}
+        in one C{write}.
+
+        @return: a Deferred that has already fired.
+        """
+        if length > 0:
+            consumer.write(self.body[offset : offset + length])
         return succeed(None)
 
 

@@ -51,9 +51,11 @@ from icpmesh.interfaces import (
     ICachedObject,
     IObjectStore,
     IObjectWriter,
+    IRangedCachedObject,
     ObjectTooLarge,
     StoredResponse,
 )
+from icpmesh.ranges import writeRange
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -641,6 +643,38 @@ class StoreConformanceMixin:
         got = consumer.value()
         self.assertEqual(len(got), len(body))
         self.assertTrue(got == body, "body differs")
+
+    @inlineCallbacks
+    def test_byteRanges(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Byte ranges of a small and of a 3 MiB body, read as the proxy reads
+        them for C{Range} requests (with C{writeRangeTo} when the object
+        provides L{IRangedCachedObject}, else by slicing C{writeTo}), are
+        exactly those bytes, with flow control honoured.  Ranges start and
+        end on both sides of 64 KiB and 256 KiB boundaries.
+        """
+        store = yield self.startedStore()
+        for size, seed in ((1000, 6), (3 * MIB, 7)):
+            key = f"http://example.com/ranges/{size}"
+            body = makeBody(size, seed=seed)
+            yield self.put(store, key, body, makeMeta(size=size))
+            obj = yield store.get(key)
+            if IRangedCachedObject.providedBy(obj):
+                self.assertTrue(verifyObject(IRangedCachedObject, obj))
+            spans = [(0, 1), (size - 1, 1), (0, size), (1, size - 1), (size // 3, size // 3)]
+            if size > MIB:
+                spans += [
+                    (64 * KIB - 1, 2), (256 * KIB - 1, 256 * KIB + 2),
+                    (256 * KIB, 256 * KIB), (size - 256 * KIB - 1, 256 * KIB + 1),
+                ]
+            for offset, length in spans:
+                consumer = FlowControlledConsumer(self._reactor())
+                yield writeRange(obj, consumer, offset, length)
+                self.assertEqual(consumer.violations, [])
+                self.assertIsNone(consumer.producer, "producer left registered")
+                got = consumer.value()
+                self.assertEqual(len(got), length, (size, offset, length))
+                self.assertTrue(got == body[offset : offset + length], (size, offset, length))
 
     @inlineCallbacks
     def test_budget(self) -> Generator[Deferred[Any], Any, None]:
