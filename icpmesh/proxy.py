@@ -75,6 +75,7 @@ from icpmesh.caching import (
 )
 from icpmesh.body import BodyAborted, RequestBodyStream
 from icpmesh.interfaces import AccessRequest, ObjectTooLarge, StoredResponse
+from icpmesh.ranges import UNSATISFIABLE, contentRange, ifRangeAllows, parseRange, unsatisfiedRange, writeRange
 from icpmesh.upstreamclient import CONTROLS_TO_SPACES, InterimHeaders, UpstreamConnectionPool
 
 log = Logger()
@@ -101,6 +102,13 @@ MAX_REQUEST_HEADER_SIZE = 64 * 1024
 
 #: Statuses whose responses have no body.
 _NO_BODY = frozenset({204, 304})
+
+#: Statuses of hits sent without a body: a 416 answers a range that cannot
+#: be satisfied with headers only.
+_NO_HIT_BODY = frozenset({204, 304, 416})
+
+#: Reason phrases of the statuses a hit may get instead of the stored one.
+_REASONS = {304: b"Not Modified", 206: b"Partial Content", 416: b"Range Not Satisfiable"}
 
 #: Request headers that make a conditional request (ours replace the
 #: client's when we revalidate a stored response).
@@ -902,24 +910,28 @@ class CachingProxyResource(Resource):
             code = "TCP_INM_HIT" if inm else "TCP_IMS_HIT"
             for name in (b"content-type", b"content-encoding", b"content-language", b"content-length"):
                 out.removeHeader(name)
+        span = None
+        if status == 200 and exchange.header(b"range") is not None and exchange.access.method == "GET":
+            status, span = _rangeHit(exchange, meta, entry.size, out)
         request.responseHeaders = out
-        request.setResponseCode(status, meta.reason if status == meta.status else b"Not Modified")
+        request.setResponseCode(status, meta.reason if status == meta.status else _REASONS[status])
         _setAge(out, b"%d" % (initialAge + max(0.0, now - meta.responseTime),))
-        if exchange.access.method == "HEAD" or status in _NO_BODY:
+        if exchange.access.method == "HEAD" or status in _NO_HIT_BODY:
             request.finish()
             self._log(exchange, code, status, 0, "HIER_NONE", "-", contentType=contentType)
             return
+        size = entry.size if span is None else span[1]
 
         def done(_: Any) -> None:
             if not request._disconnected:
                 request.finish()
-            self._log(exchange, code, status, entry.size, "HIER_NONE", "-", contentType=contentType)
+            self._log(exchange, code, status, size, "HIER_NONE", "-", contentType=contentType)
 
         def failed(f: Failure) -> None:
             log.failure("reading a cached object failed", f)
             _abort(request)
 
-        d = entry.writeTo(request)
+        d = entry.writeTo(request) if span is None else writeRange(entry, request, span[0], span[1])
         if _hasValue(d):
             done(None)
         else:
@@ -963,7 +975,14 @@ class CachingProxyResource(Resource):
         headers = Headers()
         if exchange.request is not None:
             for name, values in endToEndHeaders(exchange.request.requestHeaders):
-                if name not in _CONDITIONALS and name not in _FRAMING and name != b"cache-control":
+                # No Range: the whole response is fetched, to replace the
+                # stored one if it changed.
+                if (
+                    name not in _CONDITIONALS
+                    and name not in _FRAMING
+                    and name != b"cache-control"
+                    and name != b"range"
+                ):
                     headers.setRawHeaders(name, values)
         _addValidators(headers, entry.meta)
         fetch = _Fetch(self, background, entry, conditional=True, background=True)
@@ -1018,8 +1037,11 @@ class CachingProxyResource(Resource):
             if name not in _FRAMING:
                 headers.setRawHeaders(name, values)
         if conditional:
+            # The client's If-Range stays: with its Range it decides
+            # between a 206 and a 200 when the origin's answer is not 304.
             for name in _CONDITIONALS:
-                headers.removeHeader(name)
+                if name != b"if-range":
+                    headers.removeHeader(name)
             _addValidators(headers, revalidating.meta)
         request.notifyFinish().addErrback(lambda _: _markGone(exchange))
         self._startFetch(fetch, headers)
@@ -1807,6 +1829,37 @@ def _addValidators(headers: Headers, meta: StoredResponse) -> None:
         headers.setRawHeaders(b"if-none-match", [etag])
     if lastModified is not None:
         headers.setRawHeaders(b"if-modified-since", [lastModified])
+
+
+def _rangeHit(
+    exchange: _Exchange, meta: StoredResponse, size: int, out: Headers
+) -> tuple[int, Optional[tuple[int, int]]]:
+    """
+    Apply a GET's C{Range} (and C{If-Range}) to a hit on a stored complete
+    200 whose body is C{size} bytes (RFC 9110 section 14), editing the
+    response headers C{out} in place.
+
+    @return: C{(200, None)} to send the whole body (the header is ignored),
+        C{(206, (offset, length))} to send one range, or C{(416, None)}.
+    """
+    ifRange = exchange.header(b"if-range")
+    if ifRange is not None and not ifRangeAllows(
+        ifRange, meta.header(b"etag"), meta.header(b"last-modified"), meta.header(b"date")
+    ):
+        return 200, None
+    selected = parseRange(exchange.header(b"range") or (), size)
+    if selected is None:
+        return 200, None
+    if selected is UNSATISFIABLE:
+        for name in (b"content-type", b"content-encoding", b"content-language"):
+            out.removeHeader(name)
+        out.setRawHeaders(b"content-length", [b"0"])
+        out.setRawHeaders(b"content-range", [unsatisfiedRange(size)])
+        return 416, None
+    first, last = selected  # type: ignore[misc]
+    out.setRawHeaders(b"content-length", [b"%d" % (last - first + 1,)])
+    out.setRawHeaders(b"content-range", [contentRange(first, last, size)])
+    return 206, (first, last - first + 1)
 
 
 def _markGone(exchange: _Exchange) -> None:

@@ -9,7 +9,6 @@ The rules are pure functions, no I/O and no clock:
     header is to be ignored (multiple ranges, another unit, bad syntax);
   - L{ifRangeAllows} evaluates C{If-Range} (RFC 9110 section 13.1.5)
     against a stored response's validators;
-  - L{selectRange} combines both, as the proxy's hit path asks;
   - L{contentRange} and L{unsatisfiedRange} build C{Content-Range} values.
 
 L{writeRange} writes one range of a stored object to a consumer: with the
@@ -125,14 +124,16 @@ def parseRange(values: Sequence[bytes], size: int) -> RangeResult:
 
 
 def ifRangeAllows(
-    value: bytes,
+    values: Sequence[bytes],
     etag: Optional[bytes],
     lastModified: Optional[bytes],
     date: Optional[bytes],
 ) -> bool:
     """
-    RFC 9110 section 13.1.5: may the range be served, given C{If-Range:
-    value}, for a stored response with these validators?
+    RFC 9110 section 13.1.5: may the range be served, given the request's
+    C{If-Range} values, for a stored response with these validators?
+
+      - there must be exactly one C{If-Range} line;
 
       - an entity tag must be strong and equal to the stored C{ETag}, which
         must be strong too (the strong comparison, section 8.8.3.2);
@@ -141,9 +142,12 @@ def ifRangeAllows(
         second later (section 8.8.2.2);
       - anything else is false.
 
-    When this is false the whole body is sent with 200.
+    When this is false the C{Range} header is ignored: the whole body is
+    sent with 200.
     """
-    value = value.strip(_OWS)
+    if len(values) != 1:
+        return False
+    value = values[0].strip(_OWS)
     if value.startswith(b'"'):
         return (
             etag is not None
@@ -158,27 +162,6 @@ def ifRangeAllows(
     modified = httpDate(value)
     sent = httpDate(date)
     return modified is not None and sent is not None and sent - modified >= 1
-
-
-def selectRange(
-    rangeValues: Sequence[bytes],
-    ifRangeValues: Optional[Sequence[bytes]],
-    size: int,
-    etag: Optional[bytes],
-    lastModified: Optional[bytes],
-    date: Optional[bytes],
-) -> RangeResult:
-    """
-    What to answer a GET carrying C{Range} from a stored complete 200 whose
-    body is C{size} bytes: L{parseRange}, unless an C{If-Range} is present
-    and does not allow the range (L{ifRangeAllows}; several C{If-Range}
-    lines never do), in which case C{None} (the whole body).
-    """
-    if ifRangeValues is not None and not (
-        len(ifRangeValues) == 1 and ifRangeAllows(ifRangeValues[0], etag, lastModified, date)
-    ):
-        return None
-    return parseRange(rangeValues, size)
 
 
 def contentRange(first: int, last: int, size: int) -> bytes:
