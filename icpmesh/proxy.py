@@ -911,8 +911,9 @@ class CachingProxyResource(Resource):
             for name in (b"content-type", b"content-encoding", b"content-language", b"content-length"):
                 out.removeHeader(name)
         span = None
-        if status == 200 and exchange.header(b"range") is not None and exchange.access.method == "GET":
-            status, span = _rangeHit(exchange, meta, entry.size, out)
+        ranges = exchange.header(b"range") if status == 200 else None
+        if ranges is not None and exchange.access.method == "GET":
+            status, span = _rangeHit(exchange, ranges, meta, entry.size, out)
         request.responseHeaders = out
         request.setResponseCode(status, meta.reason if status == meta.status else _REASONS[status])
         _setAge(out, b"%d" % (initialAge + max(0.0, now - meta.responseTime),))
@@ -1832,12 +1833,12 @@ def _addValidators(headers: Headers, meta: StoredResponse) -> None:
 
 
 def _rangeHit(
-    exchange: _Exchange, meta: StoredResponse, size: int, out: Headers
+    exchange: _Exchange, ranges: list[bytes], meta: StoredResponse, size: int, out: Headers
 ) -> tuple[int, Optional[tuple[int, int]]]:
     """
-    Apply a GET's C{Range} (and C{If-Range}) to a hit on a stored complete
-    200 whose body is C{size} bytes (RFC 9110 section 14), editing the
-    response headers C{out} in place.
+    Apply a GET's C{Range} values C{ranges} (and its C{If-Range}) to a hit
+    on a stored complete 200 whose body is C{size} bytes (RFC 9110 section
+    14), editing the response headers C{out} in place.
 
     @return: C{(200, None)} to send the whole body (the header is ignored),
         C{(206, (offset, length))} to send one range, or C{(416, None)}.
@@ -1847,7 +1848,7 @@ def _rangeHit(
         ifRange, meta.header(b"etag"), meta.header(b"last-modified"), meta.header(b"date")
     ):
         return 200, None
-    selected = parseRange(exchange.header(b"range") or (), size)
+    selected = parseRange(ranges, size)
     if selected is None:
         return 200, None
     if selected is UNSATISFIABLE:
