@@ -14,7 +14,10 @@ asks the peer selector where to fetch from (a neighbour's hit, a parent,
 or the origin), streams the response to the client while writing it to the
 store, and marks it C{X-Cache: MISS}.  Concurrent misses for one URL share
 one upstream fetch (collapsed forwarding).  Responses that vary are stored
-under secondary keys built from the request headers they vary on.
+under secondary keys built from the request headers they vary on.  A GET
+with C{Range} on a stored complete 200 is answered from the store with 206
+or 416 (L{icpmesh.ranges}); a C{Range} request that misses is forwarded and
+its 206 is not stored.
 
 Other methods are forwarded uncached and, when they succeed, invalidate
 what is stored for the URL and for the C{Location} and C{Content-Location}
