@@ -46,6 +46,7 @@ copied with C{copy()}, which L{InterimHeaders} carries the callable over).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable, Optional
 
 from twisted.logger import Logger
@@ -66,13 +67,19 @@ CONTROLS_TO_SPACES = bytes(b if (b >= 0x20 and b != 0x7F) or b == 0x09 else 0x20
 def connectionTokens(values: Iterable[bytes]) -> set[bytes]:
     """
     The lower-case field names listed in C{Connection} header values.
+    Members that are not valid tokens (C{keep-alive timeout=5},
+    C{"close"}) cannot name a field and are left out.
     """
     return {
-        token.strip().lower()
+        token.lower()
         for value in values
-        for token in value.split(b",")
-        if token.strip()
+        for token in (t.strip() for t in value.split(b","))
+        if token and _TOKEN.fullmatch(token)
     }
+
+
+#: RFC 9110 section 5.6.2 token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class InterimHeaders(Headers):

@@ -186,9 +186,24 @@ class ConnectionHeaderTests(SynchronousTestCase):
 
     def test_connectionTokens(self) -> None:
         """
-        L{connectionTokens} lower-cases, strips and skips empty members.
+        L{connectionTokens} lower-cases, strips and skips empty members and
+        members that are not tokens.
         """
         self.assertEqual(connectionTokens([b"A, ,b ", b"Close"]), {b"a", b"b", b"close"})
+        self.assertEqual(connectionTokens([b'keep-alive timeout=5, "close", close;, X-y']), {b"x-y"})
+
+    def test_sloppyConnectionHeader(self) -> None:
+        """
+        A C{Connection} member that is not a token (seen from real servers:
+        C{keep-alive timeout=5}) does not fail the response, as it does not
+        with Twisted's own client; the valid members still work.
+        """
+        d, connection = self.request()
+        connection.receive(b"HTTP/1.1 200 OK\r\nConnection: keep-alive timeout=5, x-hop\r\n"
+                           b"X-Hop: 1\r\nX-End: 2\r\nContent-Length: 0\r\n\r\n")
+        response = result(d, self)
+        self.assertEqual((response.code, response.headers.hasHeader(b"x-hop"),
+                          response.headers.getRawHeaders(b"x-end")), (200, False, [b"2"]))
 
 
 class InterimTests(SynchronousTestCase):
