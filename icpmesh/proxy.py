@@ -83,6 +83,10 @@ from icpmesh.upstreamclient import CONTROLS_TO_SPACES, InterimHeaders, UpstreamC
 
 log = Logger()
 
+#: Most bytes of 1xx interim responses passed on to a client per fetch; the
+#: rest are dropped.
+MAX_INTERIM_BYTES = 16 * 1024
+
 #: Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded.
 HOP_BY_HOP = frozenset(
     {
@@ -489,6 +493,7 @@ class _Fetch:
     @ivar conditional: the request carries the stored object's validators,
         so a 304 refreshes it.
     @ivar joinable: more followers may join.
+    @ivar interimBytes: bytes of 1xx interim responses passed on so far.
     """
 
     def __init__(
@@ -507,6 +512,7 @@ class _Fetch:
         self.conditional = conditional
         self.joinable = True
         self.routes: list[Any] = []
+        self.interimBytes = 0
 
     def clients(self) -> list[_Exchange]:
         """
@@ -1267,6 +1273,7 @@ class CachingProxyResource(Resource):
         client's C{Expect: 100-continue} itself.  C{101} is not supported
         (requests upstream never carry C{Upgrade}).  Interim responses are
         never stored, and their headers do not go into the final response.
+        At most L{MAX_INTERIM_BYTES} of them per fetch are passed on.
         Like twisted.web's own C{100 Continue}, it is written to the
         client's connection directly, so only for HTTP/1.1 channels.
         """
@@ -1293,7 +1300,16 @@ class CachingProxyResource(Resource):
             for value in values:
                 lines.append(name + b": " + value.translate(CONTROLS_TO_SPACES))
         lines.append(b"via: " + self.via)
-        channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        data = b"\r\n".join(lines) + b"\r\n\r\n"
+        # They are written past the relay's flow control: an upstream that
+        # sends 1xx after 1xx must not fill memory with them.
+        fetch.interimBytes += len(data)
+        if fetch.interimBytes > MAX_INTERIM_BYTES:
+            if fetch.interimBytes - len(data) <= MAX_INTERIM_BYTES:
+                log.warn("{url}: more than {limit} bytes of 1xx responses from upstream; "
+                         "dropping the rest", url=exchange.access.url, limit=MAX_INTERIM_BYTES)
+            return
+        channel.transport.write(data)
 
     def _gotResponse(self, fetch: _Fetch, route: Any, response: Any, requestTime: float) -> None:
         exchange = fetch.leader

@@ -30,7 +30,7 @@ from zope.interface.verify import verifyObject
 
 from icpmesh.accesslog import AccessLog
 from icpmesh.interfaces import DIRECT, IAccessControl, IPeerSelector, Route
-from icpmesh.proxy import CachingProxyResource, Upstream, endToEndHeaders
+from icpmesh.proxy import MAX_INTERIM_BYTES, CachingProxyResource, Upstream, endToEndHeaders
 from icpmesh.storage.memory import MemoryStore
 from icpmesh.testing.origin import FakeOrigin, InMemoryUpstream
 
@@ -1515,6 +1515,19 @@ class InterimResponseTests(ProxyTestMixin, SynchronousTestCase):
         second = parseResponse(rest[rest.index(b"final") + len(b"final"):])
         self.assertEqual((second.status, second.body, second.header("x-cache")),
                          (200, b"final", "HIT from proxy.test"))
+
+    def test_interimBytesBounded(self) -> None:
+        """
+        An upstream sending 1xx after 1xx gets at most C{MAX_INTERIM_BYTES}
+        of them passed on; the final response still arrives whole.
+        """
+        big = "x" * 1000
+        self.setResponse([(103, {"Link": big})] * 100)
+        client = self.request()
+        interim, rest = splitInterim(client.transport.value())
+        self.assertTrue(0 < len(interim) < 100)
+        self.assertLessEqual(len(client.transport.value()) - len(rest), MAX_INTERIM_BYTES)
+        self.assertEqual(parseResponse(rest).body, b"final")
 
     def test_notToHTTP10Client(self) -> None:
         """
