@@ -308,11 +308,13 @@ class _Exchange:
     @ivar entry: the stored object found for it, if any.
     @ivar code: the access-log code so far.
     @ivar gone: the client has disconnected.
+    @ivar plain: a GET or HEAD without any of the request headers in
+        L{_NOT_PLAIN}: a fresh hit for it takes the fast path.
     """
 
     __slots__ = (
         "request", "access", "started", "key", "requestCC", "storageKey", "entry",
-        "code", "gone", "collapsed", "_headerMap",
+        "code", "gone", "collapsed", "plain", "_headerMap",
     )
 
     def __init__(self, request: Any, access: AccessRequest, started: float) -> None:
@@ -326,6 +328,7 @@ class _Exchange:
         self.code = "TCP_MISS"
         self.gone = False
         self.collapsed = False
+        self.plain = False
         self._headerMap: Optional[dict[str, list[bytes]]] = None
 
     def headerMap(self) -> dict[str, list[bytes]]:
@@ -606,7 +609,7 @@ class CachingProxyResource(Resource):
         self.xCacheHit = f"HIT from {visibleHostname}".encode()
         self.xCacheMiss = f"MISS from {visibleHostname}".encode()
         # id(meta) -> (meta, the headers of a hit on it)
-        self._templates: dict[int, tuple[StoredResponse, Headers, int, str]] = {}
+        self._templates: dict[int, _HitTemplate] = {}
         # primary key -> the request header names its stored response varies on
         # primary key -> (the request header names its stored responses vary
         # on, the secondary keys stored under it), oldest first
@@ -667,11 +670,20 @@ class CachingProxyResource(Resource):
         exchange = _Exchange(request, access, started)
         exchange.key = cacheKey(url)
         if method in ("GET", "HEAD"):
-            values = request.requestHeaders.getRawHeaders(b"cache-control")
-            if values:
-                exchange.requestCC = parseCacheControl(values)
-            elif b"no-cache" in b",".join(request.requestHeaders.getRawHeaders(b"pragma", ())).lower():
-                exchange.requestCC = {"no-cache": None}
+            # One look at the header names tells a plain request (the
+            # common case, see _Exchange.plain) from one that needs more.
+            plain = True
+            for name, _ in request.requestHeaders.getAllRawHeaders():
+                if name in _NOT_PLAIN:
+                    plain = False
+                    break
+            exchange.plain = plain
+            if not plain:
+                values = request.requestHeaders.getRawHeaders(b"cache-control")
+                if values:
+                    exchange.requestCC = parseCacheControl(values)
+                elif b"no-cache" in b",".join(request.requestHeaders.getRawHeaders(b"pragma", ())).lower():
+                    exchange.requestCC = {"no-cache": None}
             exchange.storageKey = self._storageKey(exchange)
             d = self.store.get(exchange.storageKey)
             if _hasValue(d):
@@ -807,8 +819,11 @@ class CachingProxyResource(Resource):
         meta = entry.meta
         requestCC = exchange.requestCC
         now = self._reactor.seconds()
-        if not requestCC and meta.freshUntil > now and not exchange.header(b"authorization"):
-            # The hot path: a fresh hit for a plain request.
+        if meta.freshUntil > now and (
+            exchange.plain or (not requestCC and not exchange.header(b"authorization"))
+        ):
+            # The hot path: a fresh hit for a request without directives
+            # or credentials.
             self._serveHit(exchange, entry, meta, now, "TCP_HIT")
             return
         if exchange.header(b"authorization"):
@@ -873,40 +888,46 @@ class CachingProxyResource(Resource):
 
     # -- hits ---------------------------------------------------------------
 
-    def _hitTemplate(self, meta: StoredResponse, size: int) -> tuple[Any, Headers, int, str]:
+    def _hitTemplate(self, meta: StoredResponse, size: int) -> "_HitTemplate":
         """
-        What every hit on C{meta} shares, computed once per stored response:
-        C{(meta, headers, initialAge, contentType)}, where C{headers} are the
-        response headers apart from C{Age} (and C{Date} when none is
-        stored), to be copied with L{_copyHeaders}.
+        What every hit on C{meta} shares, computed once per stored response
+        (bounded by L{_TEMPLATES_MAX}).
         """
         cached = self._templates.get(id(meta))
-        if cached is not None and cached[0] is meta:
+        if cached is not None and cached.meta is meta:
             return cached
-        else:
-            template = Headers()
-            for name, value in meta.headers:
-                if name != b"age":
-                    template.addRawHeader(name, value)
-            if meta.status not in _NO_BODY:
-                template.setRawHeaders(b"content-length", [str(size).encode()])
-            template.addRawHeader(b"via", self.via)
-            template.setRawHeaders(b"x-cache", [self.xCacheHit])
-            stored = meta.header(b"age")
-            initialAge = int(stored) if stored is not None and stored.isdigit() else 0
-            contentType = (meta.header(b"content-type") or b"-").decode("latin-1")
-            if len(self._templates) >= _TEMPLATES_MAX:
-                self._templates.clear()
-            cached = self._templates[id(meta)] = (meta, template, initialAge, contentType)
-            return cached
+        template = Headers()
+        for name, value in meta.headers:
+            if name != b"age":
+                template.addRawHeader(name, value)
+        if meta.status not in _NO_BODY:
+            template.setRawHeaders(b"content-length", [str(size).encode()])
+        template.addRawHeader(b"via", self.via)
+        template.setRawHeaders(b"x-cache", [self.xCacheHit])
+        stored = meta.header(b"age")
+        initialAge = int(stored) if stored is not None and stored.isdigit() else 0
+        contentType = (meta.header(b"content-type") or b"-").decode("latin-1")
+        if len(self._templates) >= _TEMPLATES_MAX:
+            self._templates.clear()
+        cached = self._templates[id(meta)] = _HitTemplate(meta, template, initialAge, contentType)
+        return cached
 
     def _serveHit(self, exchange: _Exchange, entry: Any, meta: StoredResponse, now: float, code: str) -> None:
+        """
+        Answer from the store.  A plain request (no conditional, range,
+        credentials or cache directives: L{_Exchange.plain}) on an HTTP/1.x
+        connection takes L{_serveFastHit}; anything else builds its headers
+        through C{twisted.web} below.
+        """
         request = exchange.request
-        if request is None or exchange.gone:
+        if request is None or exchange.gone or request._disconnected:
+            return
+        template = self._hitTemplate(meta, entry.size)
+        if exchange.plain and _canWriteRaw(request):
+            self._serveFastHit(exchange, entry, meta, now, code, template)
             return
         status = meta.status
-        _, template, initialAge, contentType = self._hitTemplate(meta, entry.size)
-        out = _copyHeaders(template)
+        out = _copyHeaders(template.headers)
         if not out.hasHeader(b"date"):
             out.setRawHeaders(b"date", request.responseHeaders.getRawHeaders(b"date", []))
         inm = exchange.header(b"if-none-match")
@@ -923,13 +944,74 @@ class CachingProxyResource(Resource):
         ranges = exchange.header(b"range") if status == 200 else None
         if ranges is not None and exchange.access.method == "GET":
             status, span = _rangeHit(exchange, ranges, meta, entry.size, out)
+        connection = request.responseHeaders.getRawHeaders(b"connection")
         request.responseHeaders = out
         request.setResponseCode(status, meta.reason if status == meta.status else _REASONS[status])
-        _setAge(out, b"%d" % (initialAge + max(0.0, now - meta.responseTime),))
+        _setAge(out, b"%d" % (template.initialAge + max(0.0, now - meta.responseTime),))
+        if connection:
+            # twisted.web's "Connection: close" (HTTP/1.1 request that asked
+            # for it): the connection closes after this response.
+            out.setRawHeaders(b"connection", connection)
         if exchange.access.method == "HEAD" or status in _NO_HIT_BODY:
             request.finish()
-            self._log(exchange, code, status, 0, "HIER_NONE", "-", contentType=contentType)
+            self._log(exchange, code, status, 0, "HIER_NONE", "-", contentType=template.contentType)
             return
+        self._sendBody(exchange, entry, code, status, template.contentType, span)
+
+    def _serveFastHit(
+        self, exchange: _Exchange, entry: Any, meta: StoredResponse, now: float, code: str,
+        template: "_HitTemplate",
+    ) -> None:
+        """
+        Serve a plain hit: the status line and header block prebuilt in
+        C{template}, with this hit's C{Date} (when none is stored), C{Age}
+        and C{Connection}, go out in one write together with a body held in
+        memory (L{_writeRaw}).  The headers are exactly those the slower
+        path builds.
+        """
+        request = exchange.request
+        status = meta.status
+        parts = [request.clientproto, template.head]
+        if not template.hasDate:
+            for value in request.responseHeaders.getRawHeaders(b"date", ()):
+                parts += (_DATE_KEY, b": ", value, b"\r\n")
+        initialAge = template.initialAge
+        age = now - meta.responseTime
+        parts += (_AGE_KEY, b": ", b"%d" % (initialAge + age if age > 0 else initialAge,), b"\r\n")
+        connection = request.responseHeaders.getRawHeaders(b"connection")
+        if connection:
+            for value in connection:
+                parts += (_CONNECTION_KEY, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if exchange.access.method == "HEAD" or status in _NO_BODY:
+            _writeRaw(request, status, meta.reason, head, None)
+            request.finish()
+            self._log(exchange, code, status, 0, "HIER_NONE", "-", contentType=template.contentType)
+            return
+        body = getattr(entry, "body", None)
+        if type(body) is bytes and len(body) == entry.size:
+            # The memory store's bytes, sent as they are (no copy here).
+            _writeRaw(request, status, meta.reason, head, body)
+            request.finish()
+            self._log(exchange, code, status, entry.size, "HIER_NONE", "-",
+                      contentType=template.contentType)
+            return
+        # A body read from elsewhere (disk) streams through request.write,
+        # with the consumer's flow control.
+        _writeRaw(request, status, meta.reason, head, None)
+        self._sendBody(exchange, entry, code, status, template.contentType)
+
+    def _sendBody(
+        self, exchange: _Exchange, entry: Any, code: str, status: int, contentType: str,
+        span: Optional[tuple[int, int]] = None,
+    ) -> None:
+        """
+        Write a stored body (or the C{(offset, length)} C{span} of it) to a
+        request whose headers are out, then finish it; abort the connection
+        if the body cannot be read whole.
+        """
+        request = exchange.request
         size = entry.size if span is None else span[1]
 
         def done(_: Any) -> None:
@@ -1739,6 +1821,96 @@ def _canonicalName(name: bytes) -> bytes:
 
 
 _AGE_KEY = _canonicalName(b"age")
+_DATE_KEY = _canonicalName(b"date")
+_CONNECTION_KEY = _canonicalName(b"connection")
+
+#: Request headers that keep a GET or HEAD off the fast hit path (as this
+#: Twisted's L{Headers} names them): directives and credentials that
+#: L{CachingProxyResource._found} must weigh, and conditionals and ranges
+#: that change the answer.
+_NOT_PLAIN = frozenset(
+    _canonicalName(name)
+    for name in (
+        b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since",
+        b"if-match", b"if-unmodified-since", b"if-range", b"range",
+    )
+)
+
+#: Request versions whose responses L{_writeRaw} may write.
+_RAW_VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
+
+
+class _HitTemplate:
+    """
+    What every hit on one stored response shares.
+
+    @ivar meta: the L{StoredResponse}.
+    @ivar headers: the response headers apart from C{Age} (and C{Date} when
+        none is stored), to be copied with L{_copyHeaders}.
+    @ivar initialAge: the stored (corrected initial) age.
+    @ivar contentType: for the access log.
+    @ivar hasDate: a C{Date} is stored.
+    @ivar head: the status line after the version, and the header lines
+        of C{headers}, as C{HTTPChannel.writeHeaders} writes them:
+        C{b" 200 OK\\r\\nName: value\\r\\n..."}.
+    """
+
+    __slots__ = ("meta", "headers", "initialAge", "contentType", "hasDate", "head")
+
+    def __init__(self, meta: StoredResponse, headers: Headers, initialAge: int, contentType: str) -> None:
+        self.meta = meta
+        self.headers = headers
+        self.initialAge = initialAge
+        self.contentType = contentType
+        self.hasDate = headers.hasHeader(b"date")
+        lines = [b" %d " % (meta.status,), meta.reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        self.head = b"".join(lines)
+
+
+def _canWriteRaw(request: Any) -> bool:
+    """
+    Whether L{_writeRaw} may answer C{request}: nothing written yet, over an
+    HTTP/1.x channel, with no content encoder in the way.
+    """
+    return (
+        not request.startedWriting
+        and request.clientproto in _RAW_VERSIONS
+        and isinstance(request.channel, HTTPChannel)
+        and getattr(request, "_encoder", None) is None
+    )
+
+
+def _writeRaw(request: Any, status: int, reason: bytes, head: bytes, body: Optional[bytes]) -> None:
+    """
+    Write a response's status line and headers, already serialised, and
+    its whole body if given, straight to the HTTP/1.x channel of a
+    C{twisted.web} request, in one write; then the request is in the state
+    its own first C{write} leaves it in, so that C{request.write} sends
+    only body bytes and C{request.finish} only ends the response.
+
+    This is the proxy's one step past C{twisted.web}'s public API: it
+    relies on C{Request.write} writing headers only while
+    C{startedWriting} is false, and on C{sentLength}, C{code} and
+    C{code_message} being what the request's log line and C{finish} read.
+    C{tests.test_proxy.RawWriteTests} checks these against the installed
+    Twisted.  Callers check L{_canWriteRaw} first, and send the headers
+    C{Request.write} would add itself (C{Transfer-Encoding}: never here,
+    the caller always knows the length; C{Connection}).
+
+    @param head: C{b"HTTP/1.1 200 OK\\r\\n...\\r\\n\\r\\n"}.
+    @param body: the body, or C{None} when there is none (C{HEAD}, 304) or
+        it is written later with C{request.write}.
+    """
+    request.setResponseCode(status, reason)
+    request.startedWriting = 1
+    if body:
+        request.sentLength = len(body)
+        request.channel.writeSequence((head, body))
+    else:
+        request.channel.write(head)
 
 
 def _setAge(headers: Headers, value: bytes) -> None:
