@@ -28,7 +28,9 @@ from twisted.application import internet, service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
+from twisted.web.server import Request, Site
 
 from icpmesh import __version__
 from icpmesh.body import StreamingRequest
@@ -75,15 +77,60 @@ def tuneGarbageCollector(threshold0: int = GC_THRESHOLD0) -> None:
 CARP_TABLE_PATH = b"/carp"
 
 
+class ProxyRequest(StreamingRequest):
+    """
+    The requests of a L{ProxySite}.
+
+    A request for an absolute C{http://} or C{https://} URL goes straight
+    to the site's resource, the proxy, which is a leaf: no C{prepath} and
+    C{postpath} to compute, no traversal, and no C{Server} header, which
+    the proxy drops from every response anyway.  Its C{Date} is the site's
+    (formatted once per second).  Any other request (the node's own pages,
+    C{CONNECT}, C{OPTIONS *}) is processed by C{twisted.web} as usual.
+    """
+
+    def process(self) -> None:
+        site = self.channel.site
+        if not site.leanProcessing or self.uri[:4].lower() != b"http":
+            Request.process(self)
+            return
+        self.site = site
+        self.responseHeaders.setRawHeaders(b"Date", [site.httpDate()])
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+
 class ProxySite(Site):
     """
     The proxy's C{Site}.  Requests are logged by the proxy in Squid's
     format, so C{twisted.web}'s own per-request log line (written to the
-    twistd log, on the hit path) is switched off.  Request bodies are
-    streamed upstream as they arrive (L{StreamingRequest}).
+    twistd log, on the hit path) is switched off.  Its requests are
+    L{ProxyRequest}s, which stream request bodies upstream as they arrive
+    (L{StreamingRequest}).
+
+    @ivar leanProcessing: L{ProxyRequest} takes its shortcut (C{False}:
+        every request is processed as a plain C{Site} would).
     """
 
-    requestFactory = StreamingRequest
+    requestFactory = ProxyRequest
+    leanProcessing = True
+    _dateSecond = -1
+    _dateValue = b""
+
+    def httpDate(self) -> bytes:
+        """
+        The current time as an HTTP date, from the site's reactor,
+        formatted at most once per second.
+        """
+        second = int(self.reactor.seconds())
+        if second != self._dateSecond:
+            self._dateValue = datetimeToString(second)
+            self._dateSecond = second
+        return self._dateValue
 
     #: Largest request header section the HTTP channel reads; the proxy
     #: answers 431 above its own, smaller or equal, limit.

@@ -436,3 +436,93 @@ class RawWriteTests(SynchronousTestCase):
         request.channel = object()
         self.assertFalse(_canWriteRaw(request))
 
+
+
+class ProxySiteTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    L{icpmesh.service.ProxySite} and its L{icpmesh.service.ProxyRequest}:
+    proxied requests skip C{twisted.web}'s traversal and take the site's
+    once-a-second C{Date}.
+    """
+
+    def build(self, upstream: Any = None, **kwargs: Any) -> None:
+        from icpmesh.service import ProxySite
+
+        super().build(upstream, **kwargs)
+        self.site = ProxySite(self.proxy, reactor=self.clock)
+
+    def test_dateFromSiteReactor(self) -> None:
+        """
+        A proxied request's C{Date} comes from the site's reactor (here
+        the test clock, not the wall clock).
+        """
+        self.access.http = False
+        response = self.get()
+        self.assertEqual(response.status, 403)
+        self.assertEqual(response.headers.getRawHeaders(b"date"), [httpDate(NOW).encode()])
+
+    def test_datePerSecond(self) -> None:
+        """
+        The date is formatted once per second of the reactor's clock.
+        """
+        first = self.site.httpDate()
+        self.clock.advance(0.5)
+        self.assertIs(self.site.httpDate(), first)
+        self.clock.advance(0.5)
+        self.assertEqual(self.site.httpDate(), httpDate(NOW + 1).encode())
+
+    def test_hitThroughProxySite(self) -> None:
+        """
+        Plain hits on a L{ProxySite} take the fast path: one write, and
+        twisted.web's C{Date} (the site's) when none is stored.
+        """
+        meta = StoredResponse(200, b"OK", [(b"cache-control", b"max-age=600")], NOW, NOW, NOW + 600)
+        writer = self.store.begin(URL, meta)
+        writer.write(b"xyz")
+        writer.finish()
+        self.clock.advance(2)
+        channel, transport = connect(self.site)
+        channel.dataReceived(requestBytes())
+        self.assertEqual(transport.writeCalls, 1)
+        response = parseResponse(transport.value())
+        self.assertEqual(response.body, b"xyz")
+        self.assertEqual(response.headers.getRawHeaders(b"date"), [httpDate(NOW + 2).encode()])
+        self.assertEqual(response.header("age"), "2")
+
+    def test_otherRequestsProcessedAsUsual(self) -> None:
+        """
+        An origin-form request (the node's own pages) goes through
+        twisted.web's usual processing: traversal state, C{Server}.
+        """
+        seen: list[Any] = []
+
+        class Page(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append((request.prepath, request.postpath))
+                return b"page"
+
+        self.proxy.localResources[b"/page"] = Page()
+        channel, transport = connect(self.site)
+        channel.dataReceived(b"GET /page HTTP/1.1\r\nHost: node\r\n\r\n")
+        response = parseResponse(transport.value())
+        self.assertEqual((response.status, response.body), (200, b"page"))
+        self.assertEqual(seen, [([], [b"page"])])
+        self.assertIsNotNone(response.header("server"))
+
+    def test_renderFailureIs500(self) -> None:
+        """
+        An exception out of the proxy's C{render} on the shortcut is
+        answered 500, as twisted.web does (with the site's C{Date}: it did
+        take the shortcut), not left to escape.
+        """
+        def broken(request: Any) -> Any:
+            raise RuntimeError("broken")
+
+        self.proxy.render = broken  # type: ignore[method-assign]
+        self.site.displayTracebacks = False
+        response = self.get()
+        self.assertEqual(response.status, 500)
+        self.assertEqual(response.headers.getRawHeaders(b"date"), [httpDate(NOW).encode()])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
