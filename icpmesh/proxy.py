@@ -608,7 +608,7 @@ class CachingProxyResource(Resource):
         self._viaName = visibleHostname.lower().encode()
         self.xCacheHit = f"HIT from {visibleHostname}".encode()
         self.xCacheMiss = f"MISS from {visibleHostname}".encode()
-        # id(meta) -> (meta, the headers of a hit on it)
+        # id(meta) -> what every hit on it shares
         self._templates: dict[int, _HitTemplate] = {}
         # primary key -> the request header names its stored response varies on
         # primary key -> (the request header names its stored responses vary
@@ -1895,7 +1895,7 @@ def _writeRaw(request: Any, status: int, reason: bytes, head: bytes, body: Optio
     relies on C{Request.write} writing headers only while
     C{startedWriting} is false, and on C{sentLength}, C{code} and
     C{code_message} being what the request's log line and C{finish} read.
-    C{tests.test_proxy.RawWriteTests} checks these against the installed
+    C{tests.test_fasthit.RawWriteTests} checks these against the installed
     Twisted.  Callers check L{_canWriteRaw} first, and send the headers
     C{Request.write} would add itself (C{Transfer-Encoding}: never here,
     the caller always knows the length; C{Connection}).
