@@ -18,6 +18,14 @@ jobs the best run is the one least disturbed.  Every response is checked to
 be complete (status 200, headers ending, C{Content-Length} bytes of body).
 
     python benchmarks/hit_path.py [--requests 20000] [--repeats 5] [--profile]
+
+For instruction counts, which do not depend on other load at all, run one
+server and one mix under callgrind twice with different C{--requests} and
+divide the difference of the totals by the difference of the counts (this
+cancels the set-up)::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        python benchmarks/hit_path.py --repeats 1 --no-bare --mixes hit1k --requests 1000
 """
 
 from __future__ import annotations
@@ -235,6 +243,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs; the best is shown (default 5)")
     parser.add_argument("--mixes", default="hit1k,hit64k", help="from hit1k,hit64k")
     parser.add_argument("--no-bare", action="store_true", help="leave out the bare leaf resource")
+    parser.add_argument("--no-icpmesh", action="store_true", help="leave out the icpmesh node")
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile of one icpmesh run per mix")
     args = parser.parse_args()
@@ -242,7 +251,7 @@ def main() -> None:
           "CPU us per request", flush=True)
     for mix in args.mixes.split(","):
         size = SIZES[mix]
-        sites = [("icpmesh", nodeSite(size), True)]
+        sites = [] if args.no_icpmesh else [("icpmesh", nodeSite(size), True)]
         if not args.no_bare:
             sites.append(("bare", bareSite(size), False))
         best = {}
@@ -250,9 +259,9 @@ def main() -> None:
             run(site, size, 200, hitCheck)  # warm up
             best[name] = min(run(site, size, args.requests, hitCheck) for _ in range(args.repeats))
             print(f"{mix:7} {name:8} {best[name] * 1e6:8.1f} us", flush=True)
-        if "bare" in best:
+        if "bare" in best and "icpmesh" in best:
             print(f"{mix:7} icpmesh/bare cost ratio {best['icpmesh'] / best['bare']:.2f}")
-        if args.profile:
+        if args.profile and not args.no_icpmesh:
             profiler = cProfile.Profile()
             profiler.enable()
             run(sites[0][1], size, args.requests, True)
