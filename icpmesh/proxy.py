@@ -309,7 +309,7 @@ class _Exchange:
     @ivar code: the access-log code so far.
     @ivar gone: the client has disconnected.
     @ivar plain: a GET or HEAD without any of the request headers in
-        L{_NOT_PLAIN}: a fresh hit for it takes the fast path.
+        L{NOT_PLAIN_HEADERS}: a fresh hit for it takes the fast path.
     """
 
     __slots__ = (
@@ -672,12 +672,7 @@ class CachingProxyResource(Resource):
         if method in ("GET", "HEAD"):
             # One look at the header names tells a plain request (the
             # common case, see _Exchange.plain) from one that needs more.
-            plain = True
-            for name, _ in request.requestHeaders.getAllRawHeaders():
-                if name in _NOT_PLAIN:
-                    plain = False
-                    break
-            exchange.plain = plain
+            plain = exchange.plain = _isPlain(request.requestHeaders)
             if not plain:
                 values = request.requestHeaders.getRawHeaders(b"cache-control")
                 if values:
@@ -1824,17 +1819,38 @@ _AGE_KEY = _canonicalName(b"age")
 _DATE_KEY = _canonicalName(b"date")
 _CONNECTION_KEY = _canonicalName(b"connection")
 
-#: Request headers that keep a GET or HEAD off the fast hit path (as this
-#: Twisted's L{Headers} names them): directives and credentials that
-#: L{CachingProxyResource._found} must weigh, and conditionals and ranges
-#: that change the answer.
-_NOT_PLAIN = frozenset(
-    _canonicalName(name)
-    for name in (
-        b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since",
-        b"if-match", b"if-unmodified-since", b"if-range", b"range",
-    )
+#: Request headers that keep a GET or HEAD off the fast hit path:
+#: directives and credentials that L{CachingProxyResource._found} must
+#: weigh, and conditionals and ranges that change the answer.
+NOT_PLAIN_HEADERS = (
+    b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since",
+    b"if-match", b"if-unmodified-since", b"if-range", b"range",
 )
+
+
+def _listedName(name: bytes) -> bytes:
+    """
+    The form in which this Twisted's C{Headers.getAllRawHeaders} lists
+    header C{name}.
+    """
+    probe = Headers()
+    probe.setRawHeaders(name, [b""])
+    return next(iter(probe.getAllRawHeaders()))[0]
+
+
+#: L{NOT_PLAIN_HEADERS} as L{_isPlain} sees them.
+_NOT_PLAIN = frozenset(_listedName(name) for name in NOT_PLAIN_HEADERS)
+
+
+def _isPlain(headers: Headers) -> bool:
+    """
+    Whether request C{headers} have none of L{NOT_PLAIN_HEADERS}: one look
+    at each name.
+    """
+    for name, _ in headers.getAllRawHeaders():
+        if name in _NOT_PLAIN:
+            return False
+    return True
 
 #: Request versions whose responses L{_writeRaw} may write.
 _RAW_VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})

@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from icpmesh.interfaces import StoredResponse
-from icpmesh.proxy import _canWriteRaw, _writeRaw
+from icpmesh.proxy import NOT_PLAIN_HEADERS, _canWriteRaw, _isPlain, _writeRaw
 from tests.test_proxy import NOW, URL, ProxyTestMixin, httpDate, parseResponse
 
 
@@ -184,6 +184,34 @@ class FastHitTests(ProxyTestMixin, SynchronousTestCase):
         strip = lambda data: b"\r\n".join(  # noqa: E731
             line for line in data.split(b"\r\n") if not line.startswith(b"Date:"))
         self.assertEqual(strip(fast.value()), strip(general.value()))
+
+    def test_notPlainHeaders(self) -> None:
+        """
+        A request with any of the listed headers, in any letter case, is
+        not plain; one with only other headers is.
+        """
+        from twisted.web.http_headers import Headers
+
+        for name in NOT_PLAIN_HEADERS:
+            for spelling in (name, name.upper(), name.title()):
+                headers = Headers({b"Host": [b"h"], b"Accept": [b"*/*"]})
+                headers.addRawHeader(spelling, b"x")
+                self.assertFalse(_isPlain(headers), spelling)
+        self.assertTrue(_isPlain(Headers({b"Host": [b"h"], b"Accept": [b"*/*"], b"Via": [b"1.1 a"]})))
+
+    def test_directivesStillWeighed(self) -> None:
+        """
+        A fresh hit is not served from the fast path to a request whose
+        header would change the answer: C{no-cache} in lower or upper case
+        still revalidates, and a conditional still gets its 304.
+        """
+        self.storeObject(ETag='"v1"')
+        for name in ("cache-control", "CACHE-CONTROL"):
+            _, transport = self.send(requestBytes(headers=((name, "no-cache"),)))
+            self.assertNotEqual(transport.writeCalls, 1)
+        self.assertEqual(self.origin.counts["/a"], 3)
+        _, transport = self.send(requestBytes(headers=(("if-none-match", '"v1"'),)))
+        self.assertEqual(parseResponse(transport.value()).status, 304)
 
     def test_keepAlivePipelined(self) -> None:
         """
