@@ -90,6 +90,10 @@ class ProxyRequest(StreamingRequest):
     """
 
     def process(self) -> None:
+        """
+        Render an absolute-URL request with the proxy directly; anything
+        else as L{Request.process} does.
+        """
         site = self.channel.site
         if not site.leanProcessing or self.uri[:4].lower() != b"http":
             Request.process(self)
