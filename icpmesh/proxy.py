@@ -2039,6 +2039,11 @@ def _addValidators(headers: Headers, meta: StoredResponse) -> None:
         headers.setRawHeaders(b"if-modified-since", [lastModified])
 
 
+#: Fields that are digests of the whole content (RFC 1864, RFC 9530
+#: section 2), removed from the 206 and 416 answers built from a stored 200.
+_WHOLE_CONTENT_DIGESTS = (b"content-md5", b"content-digest")
+
+
 def _rangeHit(
     exchange: _Exchange, ranges: list[bytes], meta: StoredResponse, size: int, out: Headers
 ) -> tuple[int, Optional[tuple[int, int]]]:
@@ -2050,6 +2055,10 @@ def _rangeHit(
     @return: C{(200, None)} to send the whole body (the header is ignored),
         C{(206, (offset, length))} to send one range, or C{(416, None)}.
     """
+    acceptRanges = meta.header(b"accept-ranges")
+    if acceptRanges is not None and acceptRanges.strip().lower() == b"none":
+        # The origin said it does not do ranges for this resource.
+        return 200, None
     ifRange = exchange.header(b"if-range")
     if ifRange is not None and not ifRangeAllows(
         ifRange, meta.header(b"etag"), meta.header(b"last-modified"), meta.header(b"date")
@@ -2058,6 +2067,9 @@ def _rangeHit(
     selected = parseRange(ranges, size)
     if selected is None:
         return 200, None
+    # Digests of the whole content do not describe a part of it.
+    for name in _WHOLE_CONTENT_DIGESTS:
+        out.removeHeader(name)
     if selected is UNSATISFIABLE:
         for name in (b"content-type", b"content-encoding", b"content-language"):
             out.removeHeader(name)

@@ -106,8 +106,12 @@ def parseRange(values: Sequence[bytes], size: int) -> RangeResult:
         suffix = _number(last)
         if suffix is None:
             return None
-        if suffix == 0 or size == 0:
+        if suffix == 0:
             return UNSATISFIABLE
+        if size == 0:
+            # RFC 9110 14.1.1: satisfiable, but no byte range can say so;
+            # the whole (empty) response answers it.
+            return None
         return (max(0, size - suffix), size - 1)
     start = _number(first)
     if start is None:

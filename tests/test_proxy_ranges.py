@@ -201,6 +201,43 @@ class RangeOtherTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(response.status, 416)
         self.assertEqual(response.header("content-range"), "bytes */0")
 
+    def test_emptyBodySuffix(self) -> None:
+        """
+        A non-zero suffix range of a stored empty body is satisfiable but
+        cannot be written as a 206: the whole (empty) 200 answers it.
+        """
+        self.origin.setResponse("/a", b"", headers={"Cache-Control": "max-age=60"})
+        self.get()
+        response = self.get(headers=[("Range", "bytes=-5")])
+        self.assertEqual((response.status, response.body), (200, b""))
+
+    def test_wholeContentDigestsDropped(self) -> None:
+        """
+        C{Content-MD5} and C{Content-Digest} describe the whole body, so the
+        206 and the 416 built from the store leave them out; the whole 200
+        keeps them.
+        """
+        self.origin.setResponse("/a", b"0123456789", headers={
+            "Cache-Control": "max-age=60", "Content-MD5": "whole==", "Content-Digest": "sha-256=:x=:"})
+        self.get()
+        for header, status in (("bytes=0-1", 206), ("bytes=50-", 416)):
+            response = self.get(headers=[("Range", header)])
+            self.assertEqual(response.status, status)
+            self.assertIsNone(response.header("content-md5"))
+            self.assertIsNone(response.header("content-digest"))
+        self.assertEqual(self.get().header("content-md5"), "whole==")
+
+    def test_acceptRangesNone(self) -> None:
+        """
+        A stored response whose origin said C{Accept-Ranges: none} is sent
+        whole.
+        """
+        self.origin.setResponse("/a", b"0123456789", headers={
+            "Cache-Control": "max-age=60", "Accept-Ranges": "none"})
+        self.get()
+        response = self.get(headers=[("Range", "bytes=0-1")])
+        self.assertEqual((response.status, response.body), (200, b"0123456789"))
+
     def test_missForwardedPartialNotStored(self) -> None:
         """
         A C{Range} request that misses is forwarded with its C{Range}; the

@@ -165,12 +165,15 @@ class ParseRangeTests(SynchronousTestCase):
 
     def test_emptyBody(self) -> None:
         """
-        Nothing of an empty body can be selected: every range is
-        unsatisfiable (a malformed one is still ignored).
+        Of an empty body, a range with a first position cannot be
+        satisfied; a non-zero suffix can (RFC 9110 14.1.1), but no 206 can
+        express it, so it is ignored and the whole empty body is sent; a
+        malformed range is ignored too.
         """
         self.assertIs(parse(b"bytes=0-0", 0), UNSATISFIABLE)
         self.assertIs(parse(b"bytes=0-", 0), UNSATISFIABLE)
-        self.assertIs(parse(b"bytes=-5", 0), UNSATISFIABLE)
+        self.assertIs(parse(b"bytes=-0", 0), UNSATISFIABLE)
+        self.assertIsNone(parse(b"bytes=-5", 0))
         self.assertIsNone(parse(b"bytes=5-2", 0))
 
     @given(
