@@ -119,3 +119,27 @@ class TwistdTests(SynchronousTestCase):
         result = self.run_("-n", "--pidfile=", "icpmesh", "--config", path)
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(f"{path}:2: icp_port: not a port number: 'banana'", result.stdout + result.stderr)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """
+    L{icpmesh.tap.makeService}, as twistd calls it.
+    """
+
+    def test_garbageCollectorTunedWhenRunning(self) -> None:
+        """
+        The node's service is built, and L{tuneGarbageCollector} is
+        scheduled for when the reactor runs (not called at once: twistd has
+        not started anything yet).
+        """
+        from twisted.internet import reactor
+
+        from icpmesh import tap
+        from icpmesh.service import MeshService, tuneGarbageCollector
+
+        scheduled = []
+        self.patch(reactor, "callWhenRunning", lambda f, *a, **k: scheduled.append(f))
+        options = Options()
+        options.parseOptions(["--http-port", "0", "--icp-port", "0", "--bind", "127.0.0.1"])
+        self.assertIsInstance(tap.makeService(options), MeshService)
+        self.assertEqual(scheduled, [tuneGarbageCollector])
