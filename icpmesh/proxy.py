@@ -642,9 +642,10 @@ class CachingProxyResource(Resource):
                                "This is a proxy: send an absolute URL (GET http://host/path).",
                                client, method, uri.decode("latin-1"), started)
         url = uri.decode("latin-1")
-        if self.maxRequestHeaderSize < getattr(request.channel, "totalHeadersSize", 0) and (
-            _headerSize(request.requestHeaders) > self.maxRequestHeaderSize
-        ):
+        headerBytes = getattr(request, "headerBytes", None)
+        if self.maxRequestHeaderSize < (headerBytes if headerBytes is not None else (
+            getattr(request.channel, "totalHeadersSize", 0)
+        )) and _headerSize(request.requestHeaders) > self.maxRequestHeaderSize:
             # (A larger header section never gets here: twisted.web's
             # channel refuses it with 400 first.)
             return self._error(request, 431, "Request Header Fields Too Large",

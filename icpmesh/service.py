@@ -87,7 +87,20 @@ class ProxyRequest(StreamingRequest):
     the proxy drops from every response anyway.  Its C{Date} is the site's
     (formatted once per second).  Any other request (the node's own pages,
     C{CONNECT}, C{OPTIONS *}) is processed by C{twisted.web} as usual.
+
+    @ivar headerBytes: the size of the request's header section as the
+        channel counted it (request line included), for the proxy's 431
+        check; C{None} if the channel does not say.
     """
+
+    headerBytes: Optional[int] = None
+
+    def gotLength(self, length: Optional[int]) -> None:
+        # The channel resets its count once the body is in; read it now.
+        # (A private attribute of HTTPChannel: without it the proxy sums
+        # the headers itself.)
+        self.headerBytes = getattr(self.channel, "_receivedHeaderSize", None)
+        super().gotLength(length)
 
     def process(self) -> None:
         """
@@ -146,8 +159,14 @@ class ProxySite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         channel = Site.buildProtocol(self, addr)
         if channel is not None:
-            # Room for the proxy's own limit plus the request line.
-            channel.totalHeadersSize = self.maxHeaderBytes + 8192
+            # Room for the proxy's own limit plus the request line, set on
+            # the HTTPChannel itself (Site.buildProtocol returns a wrapper
+            # that does not pass attributes on).
+            inner = getattr(channel, "_channel", channel)
+            inner.totalHeadersSize = self.maxHeaderBytes + 8192
+            # One header line may be as long (twisted.web's LineReceiver
+            # drops the connection without an answer past MAX_LENGTH).
+            inner.MAX_LENGTH = inner.totalHeadersSize
         return channel
 
 

@@ -99,7 +99,31 @@ class LimitsTests(SynchronousTestCase):
             reactor=FakeUDPReactor())
         self.assertEqual((svc.proxy.maxRequestHeaderSize, svc.proxy.maxRequestBodySize), (32768, 1024**2))
         channel = svc.site.buildProtocol(None)
-        self.assertGreater(channel.totalHeadersSize, 32768)
+        self.assertGreater(channel._channel.totalHeadersSize, 32768)
+
+    def test_headerLimitAboveTwistedDefault(self) -> None:
+        """
+        With request_header_max_size above twisted.web's 16 KiB, a 20 KB
+        header line is served, and a 33 KB one gets the proxy's 431 (not a
+        bare 400 from twisted.web, nor a dropped connection).
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        svc = makeMeshService(parseConfig("http_port 127.0.0.1:0\nrequest_header_max_size 32 KB\n", "t"),
+                              reactor=FakeUDPReactor())
+
+        def status(size: int) -> bytes:
+            address = IPv4Address("TCP", "127.0.0.1", 40000)
+            channel = svc.site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address)
+            channel.makeConnection(transport)
+            channel.dataReceived(b"GET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n"
+                                 b"X-Big: " + b"a" * size + b"\r\nCache-Control: only-if-cached\r\n\r\n")
+            return transport.value().split(b"\r\n", 1)[0]
+
+        self.assertEqual(status(20000), b"HTTP/1.1 504 Gateway Timeout")
+        self.assertEqual(status(33000), b"HTTP/1.1 431 Request Header Fields Too Large")
 
     def test_cdnCacheControl(self) -> None:
         """
