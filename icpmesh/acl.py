@@ -708,6 +708,10 @@ class AccessControl:
         self._always = self.lists["always_direct"]
         self._never = self.lists["never_direct"]
         icp = self._icp
+        #: Whether L{allowICP}'s answer depends on the client address alone
+        #: (every C{icp_access} ACL is a C{src} ACL).  The ICP responder then
+        #: asks once per client (see L{IAccessControl.allowICP}).
+        self.icpByClient = icp.clientOnly
         if icp.clientOnly:
             self.allowICP = self._allowICPByClient  # type: ignore[method-assign]
 

@@ -382,6 +382,13 @@ class IAccessControl(Interface):
         """
         May this client's ICP query be answered (Squid's C{icp_access})?
         A refusal is answered with ICP_OP_DENIED.
+
+        An access control whose answer here depends on the client address
+        alone, and never changes for an address, may say so with an
+        attribute C{icpByClient = True} (optional; the built-in C{acl}
+        plugin sets it when every C{icp_access} ACL is a C{src} ACL).  The
+        ICP responder then calls this once per allowed client instead of
+        once per query.
         """
 
     def allowNeighbour(neighbour: str, request: AccessRequest) -> bool:

@@ -594,6 +594,17 @@ class FastPathTests(SynchronousTestCase):
         self.assertIn("8.8.8.8", icp._cache)
         self.assertTrue(access.allowICP("10.0.0.0", "http://x/"))
 
+    def test_icpByClient(self) -> None:
+        """
+        C{icpByClient} tells the ICP responder whether C{icp_access} looks
+        at client addresses only: true for the default list and for C{src}
+        ACLs, false once a rule looks at the URL.
+        """
+        self.assertIs(AccessControl().icpByClient, True)
+        self.assertIs(build("acl n src 10.0.0.0/8\nicp_access allow n\n").icpByClient, True)
+        access = build("acl ex dstdomain .example.com\nicp_access deny ex\nicp_access allow all\n")
+        self.assertIs(access.icpByClient, False)
+
     def test_httpClientOnlyCached(self) -> None:
         """
         A client-only C{http_access} is cached per client too.

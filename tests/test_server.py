@@ -215,6 +215,145 @@ class ResponderTests(SynchronousTestCase):
         self.assertLessEqual(len(self.responder._clients), 10)
 
 
+class ClientOnlyAccess(FakeAccess):
+    """
+    An access control that promises its ICP answer depends on the client
+    address alone, and counts how often it is asked.
+    """
+
+    icpByClient = True
+
+    def __init__(self, allowed: set[str] = {"10.0.0.2"}) -> None:
+        FakeAccess.__init__(self, allowed)
+        self.asked: list[str] = []
+
+    def allowICP(self, client: str, url: str) -> bool:
+        self.asked.append(client)
+        return FakeAccess.allowICP(self, client, url)
+
+
+class RawQueryTests(SynchronousTestCase):
+    """
+    L{ICPResponder.handleRawQuery}, the hot path, answers exactly as the
+    decoded-message path does, while asking an address-only access control
+    once per client and remembering only URLs worth remembering.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = FakeStore()
+        self.access = ClientOnlyAccess()
+        self.logged: list[tuple[str, str, int, str]] = []
+        self.responder = ICPResponder(
+            self.store, self.access, reactor=self.clock,
+            logQuery=lambda *a: self.logged.append(a),
+        )
+
+    def raw(self, url: str = URL, client: Any = CLIENT, reqnum: int = 42,
+            options: int = 0, version: int = 2) -> Optional[bytes]:
+        message = icp.Message(opcode=icp.Opcode.QUERY, reqnum=reqnum, url=url,
+                              options=options, version=version)
+        return self.responder.handleRawQuery(icp.encode(message), client)
+
+    def decodedAnswer(self, url: str = URL, client: Any = CLIENT, reqnum: int = 42,
+                      options: int = 0, version: int = 2) -> Optional[bytes]:
+        message = icp.Message(opcode=icp.Opcode.QUERY, reqnum=reqnum, url=url,
+                              options=options, version=version)
+        return self.responder.handleQuery(message, client)
+
+    def test_sameBytesAsDecodedPath(self) -> None:
+        """
+        For every kind of answer, the raw path's reply and log line (on its
+        short path: the decoded query before it has allowed the client) are
+        those of the decoded path.
+        """
+        ratio = FailureRatio(self.clock)
+        self.responder.failureRatio = ratio
+        cases: list[tuple[str, Any]] = [
+            ("miss", lambda: None),
+            ("hit", lambda: self.store.fresh.__setitem__(URL, self.clock.seconds() + 60)),
+            ("too little freshness", lambda: self.store.fresh.__setitem__(URL, self.clock.seconds() + 5)),
+            ("loading", lambda: setattr(self.store, "loading", True)),
+            ("hit only", lambda: setattr(self.responder, "hitOnly", True)),
+            ("failure ratio", lambda: [ratio.noteFetch(False) for _ in range(20)]),
+        ]
+        for name, setup in cases:
+            self.store.fresh.clear()
+            self.store.loading = False
+            self.responder.hitOnly = False
+            ratio.hitOnlyUntil = 0.0
+            setup()
+            for reqnum, options, version in [(1, 0, 2), (0xFFFFFFFF, icp.FLAG_SRC_RTT, 3)]:
+                del self.logged[:]
+                expected = self.decodedAnswer(reqnum=reqnum, options=options, version=version)
+                got = self.raw(reqnum=reqnum, options=options, version=version)
+                self.assertEqual(got, expected, name)
+                self.assertEqual(self.logged[0], self.logged[1], name)
+        # Every raw query took the short path: access was asked only by
+        # the decoded queries (answer always asks).
+        self.assertEqual(len(self.access.asked), 2 * len(cases))
+        ratio.hitOnlyUntil = 0.0
+        self.assertEqual(
+            [decoded(self.raw(u)).opcode for u in ("http://x/a b", "http://Example.com:80/a")],
+            [icp.Opcode.ERR, icp.Opcode.MISS],
+        )
+        self.assertEqual(decoded(self.raw(client=("8.8.8.8", 1))).opcode, icp.Opcode.DENIED)
+
+    def test_accessAskedOncePerAllowedClient(self) -> None:
+        """
+        With C{icpByClient}, an allowed client is checked once; a denied
+        one on every query, so its DENIED cutoff still works.
+        """
+        for i in range(5):
+            self.assertEqual(decoded(self.raw(f"http://a/{i}")).opcode, icp.Opcode.MISS)
+            self.assertEqual(decoded(self.raw(client=("8.8.8.8", 1))).opcode, icp.Opcode.DENIED)
+        self.assertEqual(self.access.asked.count("10.0.0.2"), 1)
+        self.assertEqual(self.access.asked.count("8.8.8.8"), 5)
+        for _ in range(97):
+            self.raw(client=("8.8.8.8", 1))
+        self.assertIsNone(self.raw(client=("8.8.8.8", 1)))
+
+    def test_accessAskedEveryTimeWithoutPromise(self) -> None:
+        """
+        Without C{icpByClient}, access control is asked for every query.
+        """
+        self.access.icpByClient = False  # type: ignore[misc]
+        self.responder = ICPResponder(self.store, self.access, reactor=self.clock)
+        for i in range(3):
+            self.raw(f"http://a/{i}")
+        self.assertEqual(self.access.asked, ["10.0.0.2"] * 3)
+
+    def test_allowedTableBounded(self) -> None:
+        """
+        The table of allowed clients never grows past its cap.
+        """
+        import icpmesh.server as server
+
+        self.patch(server, "MAX_TRACKED_CLIENTS", 10)
+        self.access.allowed = {f"10.1.0.{i}" for i in range(50)}
+        for i in range(50):
+            self.raw(client=(f"10.1.0.{i}", 1))
+            self.raw(client=(f"10.1.0.{i}", 1))
+        self.assertLessEqual(len(self.responder._allowed), 10)
+
+    def test_plainMissesNotRemembered(self) -> None:
+        """
+        Never-seen plain URLs that the store does not hold are not added
+        to the URL table; stored ones and URLs that needed the general
+        rules are.
+        """
+        self.raw()  # the first query from the client: the general path
+        self.store.fresh["http://a/stored"] = self.clock.seconds() + 60
+        for url in ["http://a/new1", "http://a/new2", "http://a/stored", "http://A/x", "bad url"]:
+            self.raw(url)
+        self.assertEqual(
+            sorted(self.responder._urls),
+            [b"bad url", b"http://A/x", b"http://a/stored"],
+        )
+        self.assertEqual(decoded(self.raw("http://a/stored")).opcode, icp.Opcode.HIT)
+
+
 class URLProblemTests(SynchronousTestCase):
     """
     L{urlProblem}.
