@@ -331,6 +331,91 @@ def querierCase(neighbourCount: int, rounds: int) -> tuple[float, float]:
     return sendTime / rounds * 1e6, receiveTime / rounds * 1e6
 
 
+def querierSocketCase(neighbourCounts: list[int], rounds: int) -> dict[int, tuple[float, float]]:
+    """
+    Query rounds over real sockets: the node's protocol on a loopback port
+    driven by the real reactor, and fake neighbours that answer MISS at
+    once (C{icpload -R}, compiled from C{icpload.c}, one process on
+    127.0.1.1 and up).  Each round runs the reactor until the selector's
+    result arrives.
+
+    @return: by neighbour count, the median wall-clock milliseconds from
+        sending the round to its ranked result, and the CPU microseconds
+        this process spent per round.
+    """
+    import shutil
+    import statistics
+    import subprocess
+    import tempfile
+
+    from twisted.internet import reactor
+
+    from icpmesh.config import parseConfig
+    from icpmesh.interfaces import AccessRequest
+    from icpmesh.neighbours import Neighbour
+    from icpmesh.protocol import ICPProtocol
+    from icpmesh.querier import ICPClient
+    from icpmesh.selection import ICPSelector
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from icp_bench import compileTool
+
+    tmp = tempfile.mkdtemp(prefix="icpcost-")
+    results: dict[int, tuple[float, float]] = {}
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.1.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    fake = subprocess.Popen(
+        [compileTool(tmp), "-R", "-a", "127.0.1.1", "-n", str(max(neighbourCounts)), "-P", str(port), "-t", "600"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert fake.stdout is not None
+        if fake.stdout.readline().strip() != "ready":
+            raise SystemExit("icpload -R did not start")
+        protocol = ICPProtocol(None, reactor=reactor)
+        listening = reactor.listenUDP(0, protocol, interface="127.0.0.1")  # type: ignore[attr-defined]
+        client = ICPClient(protocol, reactor=reactor, timeout=2.0)
+        selector = ICPSelector()
+        for count in neighbourCounts:
+            lines = [f"cache_peer 127.0.1.{i + 1} sibling 3128 {port}" for i in range(count)]
+            config = parseConfig("\n".join(lines) + "\n")
+            neighbours = [Neighbour(c, reactor=reactor) for c in config.neighbours]
+            walls: list[float] = []
+            cpu = 0.0
+            for r in range(rounds + 20):
+                request = AccessRequest.fromURL("127.0.0.1", "GET", missURL(r))
+                outcome: list[Any] = []
+                c0 = time.process_time()
+                w0 = time.perf_counter()
+                selector.selectRoutes(request, neighbours, client).addCallback(outcome.append)
+                while not outcome:
+                    reactor.iterate(0.5)  # type: ignore[attr-defined]
+                w1 = time.perf_counter()
+                c1 = time.process_time()
+                route = outcome[0][0]
+                if route.code != "HIER_DIRECT" or route.timedOut:
+                    raise SystemExit(f"round with {count} neighbours ended with {route}")
+                if r >= 20:  # the first rounds warm up
+                    walls.append(w1 - w0)
+                    cpu += c1 - c0
+            results[count] = (statistics.median(walls) * 1e3, cpu / rounds * 1e6)
+            print(
+                f"querier {count:3} neighbours, sockets: median {results[count][0]:.3f} ms per round, "
+                f"{results[count][1]:.0f} us CPU per round",
+                flush=True,
+            )
+        listening.stopListening()
+        for call in reactor.getDelayedCalls():  # type: ignore[attr-defined]
+            call.cancel()
+    finally:
+        fake.terminate()
+        fake.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=100_000, help="queries per responder run")
@@ -341,6 +426,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--neighbours", default="1,8,64", help="neighbour counts for the querier")
     parser.add_argument("--rounds", type=int, default=2000, help="query rounds per querier run")
     parser.add_argument("--only", choices=("hit", "miss", "bare", "querier", "responder"))
+    parser.add_argument("--no-querier-sockets", action="store_true",
+                        help="leave out the querier rounds over real sockets (they need gcc)")
+    parser.add_argument("--socket-rounds", type=int, default=300,
+                        help="rounds per neighbour count over real sockets")
     args = parser.parse_args(argv)
 
     print(f"CPython {sys.version.split()[0]}, {args.queries} queries per run, best of {args.repeat}")
@@ -359,6 +448,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"(send {send:.1f}, replies {receive:.1f}; {(send + receive) / count:.2f} us per neighbour)",
                 flush=True,
             )
+        if not args.no_querier_sockets:
+            querierSocketCase([int(c) for c in args.neighbours.split(",")], args.socket_rounds)
     return 0
 
 

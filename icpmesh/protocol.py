@@ -18,10 +18,12 @@ no way to answer a datagram whose header cannot be trusted).
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import InvalidAddressError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -30,6 +32,16 @@ from icpmesh import icp
 log = Logger()
 
 Address = tuple[str, int]
+
+#: Reply opcodes that take L{ICPProtocol}'s raw-bytes path: what neighbours
+#: answer a query with.  Echoes, ERR, INVALID and HIT_OBJ are decoded.
+_FAST_REPLY_OPCODES = frozenset(
+    int(o) for o in (icp.Opcode.HIT, icp.Opcode.MISS, icp.Opcode.MISS_NOFETCH, icp.Opcode.DENIED)
+)
+_OPCODES = {int(o): o for o in icp.Opcode}
+_REPLY_WORDS = struct.Struct("!IIII")
+#: Cap on the set of neighbour addresses already checked by C{write}.
+MAX_CHECKED_ADDRESSES = 4096
 
 
 class IResponder(Protocol):
@@ -91,6 +103,7 @@ class PendingQuery:
 
     @ivar reqnum: the request number.
     @ivar url: the URL asked about.
+    @ivar urlBytes: the same URL as sent on the wire.
     @ivar options: the option flags the query carried.
     @ivar sentAt: reactor time the queries were sent.
     @ivar acceptFrom: addresses whose replies count, mapped to a caller's tag
@@ -104,6 +117,7 @@ class PendingQuery:
     __slots__ = (
         "reqnum",
         "url",
+        "urlBytes",
         "options",
         "sentAt",
         "acceptFrom",
@@ -131,6 +145,8 @@ class PendingQuery:
     ) -> None:
         self.reqnum = reqnum
         self.url = url
+        #: The URL as sent, for comparing with a reply's raw bytes.
+        self.urlBytes = url.encode("latin-1")
         self.options = options
         self.sentAt = sentAt
         self.acceptFrom = acceptFrom
@@ -181,12 +197,16 @@ class ICPProtocol(DatagramProtocol):
         self.queriesReceived = 0
         self.otherReceived = 0
         self.repliesSent = 0
+        self.repliesReceived = 0
+        self.queriesSent = 0
         self.rateLog = RateLimitedLog(reactor)
         self._pending: dict[int, PendingQuery] = {}
         self._nextReqnum = 1
         self.groups = tuple(groups)
         self._ttl: Optional[int] = None
         self._sendto: Optional[Callable[[bytes, Any], Any]] = None
+        # Neighbour addresses the transport's write has accepted once.
+        self._checkedAddresses: set[Any] = set()
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
@@ -221,7 +241,9 @@ class ICPProtocol(DatagramProtocol):
         Well-formed version 2 queries - nearly all traffic - take a fast
         path: the framing is checked here with a few byte comparisons and
         the responder reads the request number and URL from the raw bytes
-        (L{icpmesh.server.ICPResponder.handleRawQuery}).  Everything else
+        (L{icpmesh.server.ICPResponder.handleRawQuery}).  Well-formed
+        version 2 HIT, MISS, MISS_NOFETCH and DENIED replies are matched to
+        their round from the raw bytes too (L{_rawReply}).  Everything else
         goes through L{icp.decode}.
         """
         size = len(data)
@@ -255,6 +277,20 @@ class ICPProtocol(DatagramProtocol):
                     else:
                         self.repliesSent += 1
                 return
+        elif (
+            size > 20
+            and data[0] in _FAST_REPLY_OPCODES
+            and data[1] == 2
+            and (data[2] << 8 | data[3]) == size
+            and size <= icp.MAX_MESSAGE_LENGTH
+            and data.find(b"\0", 20) == size - 1
+        ):
+            self.otherReceived += 1
+            try:
+                self._rawReply(data, address)
+            except Exception:
+                self._internalError(address)
+            return
         self.otherReceived += 1
         self._slowPath(data, (address[0], address[1]))
 
@@ -300,7 +336,11 @@ class ICPProtocol(DatagramProtocol):
         result = dict(self.counters)
         result["queries"] = result.get("queries", 0) + self.queriesReceived
         result["received"] = self.queriesReceived + self.otherReceived
-        result["sent"] = result.get("sent", 0) + self.repliesSent
+        result["sent"] = result.get("sent", 0) + self.repliesSent + self.queriesSent
+        if self.repliesReceived:
+            result["replies"] = result.get("replies", 0) + self.repliesReceived
+        if self.queriesSent:
+            result["queriesSent"] = result.get("queriesSent", 0) + self.queriesSent
         return result
 
     def _malformed(self, error: icp.DecodeError, data: bytes, address: Address) -> None:
@@ -327,6 +367,41 @@ class ICPProtocol(DatagramProtocol):
             self._send(icp.encodeReply(icp.Opcode.ERR, header.reqnum, b""), address)
             counters["errSent"] += 1
 
+    def _rawReply(self, data: bytes, address: Address) -> None:
+        """
+        L{_replyReceived} for a version 2 HIT, MISS, MISS_NOFETCH or DENIED
+        whose framing L{datagramReceived} has checked: the same checks in
+        the same order, on the raw bytes, and a L{icp.Message} is built only
+        for a reply that counts.
+        """
+        self.repliesReceived += 1
+        reqnum, options, optionData, sender = _REPLY_WORDS.unpack_from(data, 4)
+        pending = self._pending.get(reqnum)
+        counters = self.counters
+        if pending is None:
+            counters["lateOrUnknownReplies"] += 1
+            return
+        opcode = data[0]
+        if pending.echoes:
+            echoed = pending.echoes.get(address)
+            if echoed is not None and echoed != opcode:
+                counters["ignoredReplies." + icp.opcodeName(opcode)] += 1
+                return
+        tag = pending.acceptFrom.get(address)
+        if tag is None and address not in pending.acceptFrom:
+            self._stranger(address)
+            return
+        if data[20:-1] != pending.urlBytes:
+            counters["repliesWrongURL"] += 1
+            return
+        if options & ~pending.options:
+            counters["repliesBadOptions"] += 1
+            return
+        message = icp.Message(
+            _OPCODES[opcode], reqnum, pending.url, 2, options, optionData, sender, 0, None
+        )
+        self._accept(pending, tag, message, address)
+
     def _replyReceived(self, message: icp.Message, address: Address) -> None:
         counters = self.counters
         counters["replies"] += 1
@@ -349,12 +424,7 @@ class ICPProtocol(DatagramProtocol):
             return
         tag = pending.acceptFrom.get(address)
         if tag is None and address not in pending.acceptFrom:
-            counters["repliesFromStrangers"] += 1
-            self.rateLog.warn(
-                "stranger",
-                "Ignored ICP reply from {address}, which is not a neighbour asked",
-                address=address,
-            )
+            self._stranger(address)
             return
         if message.url != pending.url:
             counters["repliesWrongURL"] += 1
@@ -363,8 +433,22 @@ class ICPProtocol(DatagramProtocol):
             # A reply may only carry options the query asked for.
             counters["repliesBadOptions"] += 1
             return
+        self._accept(pending, tag, message, address)
+
+    def _stranger(self, address: Address) -> None:
+        self.counters["repliesFromStrangers"] += 1
+        self.rateLog.warn(
+            "stranger",
+            "Ignored ICP reply from {address}, which is not a neighbour asked",
+            address=address,
+        )
+
+    def _accept(self, pending: PendingQuery, tag: Any, message: icp.Message, address: Address) -> None:
+        """
+        Count a checked reply toward its round, unless it is a duplicate.
+        """
         if address in pending.replied:
-            counters["duplicateReplies"] += 1
+            self.counters["duplicateReplies"] += 1
             return
         pending.replied.add(address)
         rtt = self._reactor.seconds() - pending.sentAt
@@ -373,7 +457,7 @@ class ICPProtocol(DatagramProtocol):
         if pending.done.called:
             # The round is over, but a late reply still tells us the
             # neighbour is alive and how far away it is.
-            counters["lateReplies"] += 1
+            self.counters["lateReplies"] += 1
             return
         pending.replies.append((tag, message, rtt))
         if len(pending.replies) >= pending.expected or (
@@ -383,16 +467,25 @@ class ICPProtocol(DatagramProtocol):
 
     # -- sending -----------------------------------------------------------
 
-    def _send(self, data: bytes, address: Address) -> bool:
+    def _send(self, data: bytes, address: Address, counted: bool = True) -> bool:
+        """
+        Send with the transport's C{write}.  Errors are counted and logged,
+        never raised: an C{OSError}, or an address C{write} refuses (a host
+        name not resolved yet, or the wrong address family).
+
+        @param counted: add one to the C{sent} counter on success.
+        @return: whether it was sent.
+        """
         try:
             self.transport.write(data, address)
-        except OSError as e:
+        except (OSError, InvalidAddressError) as e:
             self._sendFailed(address, e)
             return False
-        self.counters["sent"] += 1
+        if counted:
+            self.counters["sent"] += 1
         return True
 
-    def _sendFailed(self, address: Any, error: OSError) -> None:
+    def _sendFailed(self, address: Any, error: Exception) -> None:
         # UDP send errors (ECONNREFUSED from an earlier ICMP, ENOBUFS) must
         # not escape.
         self.counters["sendErrors"] += 1
@@ -462,9 +555,26 @@ class ICPProtocol(DatagramProtocol):
         )
         pending.echoes = dict(echoes) if echoes else {}
         self._pending[reqnum] = pending
+        sendto = self._sendto
+        checked = self._checkedAddresses
+        sent = 0
         for address in sendTo:
-            if self._send(data, address):
-                self.counters["queriesSent"] += 1
+            if sendto is not None and address in checked:
+                # Twisted's write checked this address before: skip its
+                # per-call checks and go straight to the socket.
+                try:
+                    sendto(data, address)
+                except OSError as e:
+                    self._sendFailed(address, e)
+                    continue
+                sent += 1
+            elif self._send(data, address, counted=False):
+                sent += 1
+                if sendto is not None:
+                    if len(checked) >= MAX_CHECKED_ADDRESSES:
+                        checked.clear()
+                    checked.add(address)
+        self.queriesSent += sent
         for address, opcode in pending.echoes.items():
             echo = icp.encode(icp.Message(opcode=opcode, reqnum=reqnum, url=url))
             if self._send(echo, address):
