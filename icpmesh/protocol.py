@@ -130,6 +130,7 @@ class PendingQuery:
         "isComplete",
         "onReply",
         "echoes",
+        "messages",
     )
 
     def __init__(
@@ -159,6 +160,10 @@ class PendingQuery:
         self.isComplete = isComplete
         self.onReply = onReply
         self.echoes: dict[Address, int] = {}
+        #: Reply datagram -> its (immutable) L{icp.Message}: the replies of
+        #: one round are mostly byte-for-byte the same (MISS, same request
+        #: number and URL), so one message object serves them all.
+        self.messages: dict[bytes, icp.Message] = {}
 
 
 class ICPProtocol(DatagramProtocol):
@@ -397,9 +402,11 @@ class ICPProtocol(DatagramProtocol):
         if options & ~pending.options:
             counters["repliesBadOptions"] += 1
             return
-        message = icp.Message(
-            _OPCODES[opcode], reqnum, pending.url, 2, options, optionData, sender, 0, None
-        )
+        message = pending.messages.get(data)
+        if message is None:
+            message = pending.messages[data] = icp.Message(
+                _OPCODES[opcode], reqnum, pending.url, 2, options, optionData, sender, 0, None
+            )
         self._accept(pending, tag, message, address)
 
     def _replyReceived(self, message: icp.Message, address: Address) -> None:
@@ -542,7 +549,6 @@ class ICPProtocol(DatagramProtocol):
             fails.
         """
         reqnum = self.allocateReqnum()
-        data = icp.encode(icp.query(reqnum, url, options=options))
         pending = PendingQuery(
             reqnum,
             url,
@@ -553,6 +559,7 @@ class ICPProtocol(DatagramProtocol):
             isComplete,
             onReply,
         )
+        data = icp.encodeQuery(reqnum, pending.urlBytes, options)
         pending.echoes = dict(echoes) if echoes else {}
         self._pending[reqnum] = pending
         sendto = self._sendto

@@ -26,6 +26,9 @@ from icpmesh.neighbours import Neighbour
 from icpmesh.protocol import ICPProtocol, PendingQuery
 
 _OPCODE_NAMES = {int(o): o.name for o in icp.Opcode}
+# Plain ints: comparing with them is cheaper than looking up Opcode members.
+_HIT = int(icp.Opcode.HIT)
+_SECHO = int(icp.Opcode.SECHO)
 
 #: The UDP echo port: neighbours on it get DECHO, origins get SECHO.
 ECHO_PORT = 7
@@ -96,9 +99,10 @@ class QueryRound:
         Whether the origin's SECHO came back before any HIT.
         """
         for reply in self.replies:
-            if reply.opcode == icp.Opcode.HIT:
+            opcode = reply.opcode
+            if opcode == _HIT:
                 return False
-            if reply.opcode == icp.Opcode.SECHO:
+            if opcode == _SECHO:
                 return True
         return False
 
@@ -108,7 +112,7 @@ class QueryRound:
         The first HIT, if any.
         """
         for reply in self.replies:
-            if reply.opcode == icp.Opcode.HIT:
+            if reply.opcode == _HIT:
                 return reply
         return None
 
@@ -291,7 +295,8 @@ class ICPClient:
 
         def isComplete(pending: PendingQuery, message: icp.Message) -> bool:
             # HIT and SECHO are forwarded at once (RFC 2187 5.3).
-            return stopOnHit and message.opcode in (icp.Opcode.HIT, icp.Opcode.SECHO)
+            opcode = message.opcode
+            return stopOnHit and (opcode == _HIT or opcode == _SECHO)
 
         d = self.protocol.sendQuery(
             url,

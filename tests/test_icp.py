@@ -430,6 +430,31 @@ class HelperTests(SynchronousTestCase):
             Message(Opcode.QUERY, 5, URL, 2, icp.FLAG_SRC_RTT, 0, 0, 9, None),
         )
 
+    def test_encodeQuery(self) -> None:
+        """
+        L{icp.encodeQuery} gives the bytes of L{icp.encode} of L{icp.query}
+        (the querier's fast path), and refuses what L{icp.encode} refuses.
+        """
+        for reqnum, url, options in [
+            (1, URL, 0),
+            (0xFFFFFFFF, "http://h/\xe9?x", icp.FLAG_SRC_RTT),
+            (7, "", 0),
+            (8, "h" * (icp.MAX_MESSAGE_LENGTH - 25), 0),
+        ]:
+            self.assertEqual(
+                icp.encodeQuery(reqnum, url.encode("latin-1"), options),
+                icp.encode(icp.query(reqnum, url, options=options)),
+                (reqnum, url, options),
+            )
+        for reqnum, url, options in [
+            (1, b"http://h/\0x", 0),
+            (1, b"h" * (icp.MAX_MESSAGE_LENGTH - 24), 0),
+            (-1, b"http://h/", 0),
+            (2**32, b"http://h/", 0),
+            (1, b"http://h/", 2**32),
+        ]:
+            self.assertRaises(ValueError, icp.encodeQuery, reqnum, url, options)
+
     def test_replyEchoes(self) -> None:
         """
         L{icp.reply} echoes reqnum and URL, answers version 2 even to a

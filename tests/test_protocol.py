@@ -338,3 +338,155 @@ class CorrelationTests(SynchronousTestCase):
         self.assertEqual(self.proto.counters["sendErrors"], 2)
         self.clock.advance(1)
         self.assertTrue(results[0].timedOut)
+
+
+class SocketTransport(FakeDatagramTransport):
+    """
+    A datagram transport with a C{socket} whose C{sendto} records apart
+    from C{write}, like a real UDP port's.
+    """
+
+    def __init__(self) -> None:
+        FakeDatagramTransport.__init__(self)
+        self.sentRaw: list[tuple[bytes, Any]] = []
+        self.refused: set[str] = set()
+        transport = self
+
+        class Socket:
+            def sendto(self, data: bytes, address: Any) -> int:
+                if address[0] in transport.refused:
+                    raise ConnectionRefusedError(111, "refused")
+                transport.sentRaw.append((data, address))
+                return len(data)
+
+        self.socket = Socket()
+
+    def write(self, packet: bytes, addr: Any = None) -> None:
+        from twisted.internet.abstract import isIPAddress
+        from twisted.internet.error import InvalidAddressError
+
+        if not isIPAddress(addr[0]):
+            raise InvalidAddressError(addr[0], "not an IP address")
+        FakeDatagramTransport.write(self, packet, addr)
+
+
+class FastPathTests(SynchronousTestCase):
+    """
+    The raw-bytes paths: replies matched without decoding, queries sent
+    straight to the socket once the transport has accepted an address.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.proto = ICPProtocol(None, reactor=self.clock)
+        self.transport = SocketTransport()
+        self.proto.makeConnection(self.transport)
+
+    def sendRound(self, to: Any = (PEER, OTHER), **kw: Any) -> list[Any]:
+        results: list[Any] = []
+        kw.setdefault("timeout", 2.0)
+        self.proto.sendQuery(URL, list(to), {a: a[0] for a in to}, **kw).addCallback(results.append)
+        return results
+
+    def test_queriesToSocketOnceChecked(self) -> None:
+        """
+        The first query to an address goes through the transport's C{write}
+        (which checks the address); later ones go to the socket's
+        C{sendto}.  The bytes are the same, and are counted as sent.
+        """
+        self.sendRound()
+        self.sendRound()
+        self.assertEqual([a for _, a in self.transport.written], [PEER, OTHER])
+        self.assertEqual([a for _, a in self.transport.sentRaw], [PEER, OTHER])
+        first, second = self.transport.written[0][0], self.transport.sentRaw[0][0]
+        self.assertEqual(first[:4] + first[8:], second[:4] + second[8:])
+        stats = self.proto.stats()
+        self.assertEqual((stats["queriesSent"], stats["sent"]), (4, 4))
+
+    def test_socketErrorsCounted(self) -> None:
+        """
+        An error from the socket's C{sendto} is counted, not raised, and the
+        round still ends at its timeout.
+        """
+        self.sendRound()
+        self.transport.refused.add(PEER[0])
+        results = self.sendRound(timeout=1)
+        self.assertEqual(self.proto.counters["sendErrors"], 1)
+        self.assertEqual(self.proto.stats()["queriesSent"], 3)
+        self.clock.advance(1)
+        self.assertTrue(results[0].timedOut)
+
+    def test_unresolvedHostCounted(self) -> None:
+        """
+        An address the transport refuses (a neighbour's host name not
+        resolved yet) is a send error, not an exception; the other
+        neighbours are still asked.
+        """
+        results = self.sendRound(to=(("cache.example", 3130), OTHER), timeout=1)
+        self.assertEqual(self.proto.counters["sendErrors"], 1)
+        self.assertEqual([a for _, a in self.transport.written], [OTHER])
+        self.clock.advance(1)
+        self.assertTrue(results[0].timedOut)
+
+    def reply(self, opcode: int, source: Any, version: int = 2, url: str = URL,
+              options: int = 0, optionData: int = 0) -> bytes:
+        reqnum = icp.decode(self.transport.written[-1][0]).reqnum
+        data = icp.encode(icp.Message(opcode=opcode, reqnum=reqnum, url=url, version=version,
+                                      options=options, optionData=optionData))
+        self.proto.datagramReceived(data, source)
+        return data
+
+    def test_identicalRepliesShareOneMessage(self) -> None:
+        """
+        Replies that are byte for byte the same share one (immutable)
+        message object; a different reply gets its own.
+        """
+        peers = [("127.0.0.%d" % i, 3130) for i in range(2, 6)]
+        results = self.sendRound(to=peers)
+        for peer in peers[:3]:
+            self.reply(icp.Opcode.MISS, peer)
+        self.reply(icp.Opcode.HIT, peers[3])
+        messages = [m for _, m, _ in results[0].replies]
+        self.assertIs(messages[0], messages[1])
+        self.assertIs(messages[0], messages[2])
+        self.assertIsNot(messages[0], messages[3])
+        self.assertEqual([m.opcode for m in messages], [icp.Opcode.MISS] * 3 + [icp.Opcode.HIT])
+        self.assertIsInstance(messages[3].opcode, icp.Opcode)
+
+    def test_fastAndDecodedRepliesAgree(self) -> None:
+        """
+        A version 2 reply (raw path) and the same reply as version 3
+        (decoded path) give the same message fields and the same counters,
+        for good replies and for every kind of rejected one.
+        """
+        outcomes = []
+        for version in (2, 3):
+            self.setUp()
+            results = self.sendRound(options=icp.FLAG_SRC_RTT)
+            self.reply(icp.Opcode.MISS, ("127.0.0.9", 3130), version)
+            self.reply(icp.Opcode.MISS, PEER, version, url="http://other/")
+            self.reply(icp.Opcode.MISS, PEER, version, options=icp.FLAG_HIT_OBJ)
+            self.reply(icp.Opcode.MISS_NOFETCH, PEER, version, options=icp.FLAG_SRC_RTT,
+                       optionData=icp.srcRttData(12, 3))
+            self.reply(icp.Opcode.MISS, PEER, version)
+            self.reply(icp.Opcode.DENIED, OTHER, version)
+            self.assertEqual(len(results), 1)
+            # Version 2 took the raw path, version 3 was decoded.
+            self.assertEqual(self.proto.repliesReceived, 6 if version == 2 else 0)
+            fields = [(t, m.opcode, m.reqnum, m.url, m.options, m.optionData, m.senderAddress)
+                      for t, m, _ in results[0].replies]
+            counters = {k: v for k, v in self.proto.stats().items() if k not in ("queriesV3",)}
+            outcomes.append((fields, counters))
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual(outcomes[0][1]["replies"], 6)
+
+    def test_unknownReplyCounted(self) -> None:
+        """
+        A reply on the raw path to no round in flight is counted as late
+        or unknown.
+        """
+        self.sendRound()
+        data = icp.encodeReply(icp.Opcode.MISS, 999, URL.encode())
+        self.proto.datagramReceived(data, PEER)
+        self.assertEqual(self.proto.counters["lateOrUnknownReplies"], 1)
+        self.assertEqual(self.proto.repliesReceived, 1)
