@@ -23,11 +23,12 @@ The responder cases are measured at two levels:
     protocol's C{datagramReceived}, with a transport whose C{write} and
     C{socket.sendto} discard the reply: the Python cost of the policy and
     dispatch alone;
-  - C{socket}: a real UDP port on loopback, made by the real reactor's
-    C{listenUDP} (the node's own port class), is filled with a batch of
-    queries from another socket, and its C{doRead} is called: the cost
-    then includes Twisted's read loop and the C{recvfrom} and C{sendto}
-    system calls.  The reactor is never run.
+  - C{socket}: a real UDP port on loopback - the node's own port class
+    (L{icpmesh.udpport.listenICP}), and for the bare responder Twisted's
+    C{listenUDP} - is filled with a batch of queries from another socket,
+    and its C{doRead} is called: the cost then includes the port's read
+    loop and the C{recvfrom} and C{sendto} system calls.  The reactor is
+    never run.
 
 Each figure is the minimum over C{--repeat} runs.  For instruction counts,
 which do not depend on the machine's load, run one case under callgrind::
@@ -167,10 +168,19 @@ class SocketRig:
     socket in batches; only the port's C{doRead} is timed.
     """
 
-    def __init__(self, protocol: Any, batch: int) -> None:
+    def __init__(self, protocol: Any, batch: int, node: bool = True) -> None:
         from twisted.internet import reactor
 
-        self.port = reactor.listenUDP(0, protocol, interface="127.0.0.2")  # type: ignore[attr-defined]
+        if node:
+            # The port the node's ICP service uses.
+            try:
+                from icpmesh.udpport import listenICP
+            except ImportError:  # an older checkout
+                self.port = reactor.listenUDP(0, protocol, interface="127.0.0.2")  # type: ignore[attr-defined]
+            else:
+                self.port = listenICP(reactor, 0, protocol, interface="127.0.0.2")
+        else:
+            self.port = reactor.listenUDP(0, protocol, interface="127.0.0.2")  # type: ignore[attr-defined]
         reactor.removeReader(self.port)  # type: ignore[attr-defined]
         self.address = ("127.0.0.2", self.port.getHost().port)
         self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -238,7 +248,7 @@ def responderCases(args: argparse.Namespace) -> dict[str, float]:
                     protocol.makeConnection(_DiscardTransport())
                     elapsed = timeDispatch(protocol, data)
                 else:
-                    rig = SocketRig(protocol, args.batch)
+                    rig = SocketRig(protocol, args.batch, node=case != "bare")
                     try:
                         elapsed, replies = rig.run(data)
                     finally:

@@ -223,6 +223,32 @@ class MeshService(service.MultiService):
         return d if isinstance(d, Deferred) else succeed(None)
 
 
+class ICPServer(internet.UDPServer):
+    """
+    The service of the node's ICP port: C{internet.UDPServer} (or, with
+    C{multicast}, C{internet.MulticastServer}), listening through
+    L{icpmesh.udpport.listenICP}, which uses the leaner
+    L{icpmesh.udpport.ICPPort} on a POSIX reactor.
+    """
+
+    def __init__(
+        self, port: int, protocol: Any, interface: str = "", reactor: Any = None,
+        multicast: bool = False,
+    ) -> None:
+        internet.UDPServer.__init__(self, port, protocol, interface=interface, reactor=reactor)
+        self.multicast = multicast
+
+    def _getPort(self) -> Any:
+        from icpmesh.udpport import listenICP
+
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        return listenICP(reactor, *self.args, multicast=self.multicast, **self.kwargs)
+
+
 def _portNumber(svc: internet.StreamServerEndpointService) -> Deferred[Optional[int]]:
     result: Deferred[Optional[int]] = Deferred()
 
@@ -323,12 +349,12 @@ def makeMeshService(
 
     if config.icpPort is not None:
         # A multicast-capable port when we join groups or query one.
-        serverClass = internet.MulticastServer if multicast else internet.UDPServer
-        udp = serverClass(
+        udp = ICPServer(
             config.icpPort,
             protocol,
             interface=config.icpAddress,
             reactor=reactor,
+            multicast=multicast,
         )
         udp.setName("icp")
         udp.setServiceParent(top)
