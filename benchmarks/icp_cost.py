@@ -31,9 +31,15 @@ The responder cases are measured at two levels:
     never run.
 
 Each figure is the minimum over C{--repeat} runs.  For instruction counts,
-which do not depend on the machine's load, run one case under callgrind::
+which do not depend on the machine's load, run one case under callgrind
+with two query counts and take the difference, less the same difference
+with C{--levels none} (which builds the datagrams and does nothing else)::
 
-    valgrind --tool=callgrind python benchmarks/icp_cost.py --only miss --queries 20000
+    valgrind --tool=callgrind python benchmarks/icp_cost.py --only miss --levels dispatch --repeat 1 --warm 0 --queries 5000
+
+(C{python} must be the interpreter itself, not a shell shim such as
+pyenv's.)  At the socket level callgrind counts user-space instructions
+only, not the kernel's work in the system calls.
 """
 
 from __future__ import annotations
@@ -244,6 +250,11 @@ def responderCases(args: argparse.Namespace) -> dict[str, float]:
                         responder.handleRawQuery(d, CLIENT)
                 data = datagrams("hit" if case == "hit" else "miss", n, offset)
                 offset += n
+                if level == "none":
+                    # Only the set-up: for subtracting from instruction
+                    # counts (see the module docstring).
+                    results[f"{case} {level}"] = 0.0
+                    continue
                 if level == "dispatch":
                     protocol.makeConnection(_DiscardTransport())
                     elapsed = timeDispatch(protocol, data)
@@ -261,6 +272,9 @@ def responderCases(args: argparse.Namespace) -> dict[str, float]:
                     if got < n:
                         raise SystemExit(f"{case}: only {got} of {n} replies were {expected}")
                 best = min(best, elapsed)
+            if level == "none":
+                print(f"{case:6} {level:9} (set-up only)", flush=True)
+                continue
             results[f"{case} {level}"] = best / n * 1e6
             print(f"{case:6} {level:9} {best / n * 1e6:8.2f} us/query", flush=True)
     return results
@@ -432,7 +446,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warm", type=int, default=70_000, help="new URLs asked before a miss run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the minimum is shown")
     parser.add_argument("--batch", type=int, default=64, help="datagrams per doRead at the socket level")
-    parser.add_argument("--levels", default="dispatch,socket", help="dispatch, socket or both")
+    parser.add_argument("--levels", default="dispatch,socket",
+                        help="dispatch, socket or both (none: set-up only, for instruction counts)")
     parser.add_argument("--neighbours", default="1,8,64", help="neighbour counts for the querier")
     parser.add_argument("--rounds", type=int, default=2000, help="query rounds per querier run")
     parser.add_argument("--only", choices=("hit", "miss", "bare", "querier", "responder"))

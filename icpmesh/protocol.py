@@ -39,6 +39,7 @@ _FAST_REPLY_OPCODES = frozenset(
     int(o) for o in (icp.Opcode.HIT, icp.Opcode.MISS, icp.Opcode.MISS_NOFETCH, icp.Opcode.DENIED)
 )
 _OPCODES = {int(o): o for o in icp.Opcode}
+_MAX_MESSAGE_LENGTH = icp.MAX_MESSAGE_LENGTH
 _REPLY_WORDS = struct.Struct("!IIII")
 #: Cap on the set of neighbour addresses already checked by C{write}.
 MAX_CHECKED_ADDRESSES = 4096
@@ -257,7 +258,7 @@ class ICPProtocol(DatagramProtocol):
             and data[0] == 1
             and data[1] == 2
             and (data[2] << 8 | data[3]) == size
-            and size <= icp.MAX_MESSAGE_LENGTH
+            and size <= _MAX_MESSAGE_LENGTH
             and data.find(b"\0", 24) == size - 1
         ):
             raw = self._rawResponder
@@ -287,7 +288,7 @@ class ICPProtocol(DatagramProtocol):
             and data[0] in _FAST_REPLY_OPCODES
             and data[1] == 2
             and (data[2] << 8 | data[3]) == size
-            and size <= icp.MAX_MESSAGE_LENGTH
+            and size <= _MAX_MESSAGE_LENGTH
             and data.find(b"\0", 20) == size - 1
         ):
             self.otherReceived += 1
