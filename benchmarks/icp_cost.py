@@ -355,13 +355,20 @@ def querierCase(neighbourCount: int, rounds: int) -> tuple[float, float]:
     return sendTime / rounds * 1e6, receiveTime / rounds * 1e6
 
 
-def querierSocketCase(neighbourCounts: list[int], rounds: int) -> dict[int, tuple[float, float]]:
+def querierSocketCase(
+    neighbourCounts: list[int], rounds: int, gapMs: float = 0.0, evictMB: int = 0
+) -> dict[int, tuple[float, float]]:
     """
     Query rounds over real sockets: the node's protocol on a loopback port
     driven by the real reactor, and fake neighbours that answer MISS at
     once (C{icpload -R}, compiled from C{icpload.c}, one process on
     127.0.1.1 and up).  Each round runs the reactor until the selector's
     result arrives.
+
+    With C{gapMs}, the process sleeps that long before each round, and
+    with C{evictMB} it first writes to a buffer that large: like a node
+    that does other work between requests, each round then starts with
+    cold CPU caches.  Neither is timed.
 
     @return: by neighbour count, the median wall-clock milliseconds from
         sending the round to its ranked result, and the CPU microseconds
@@ -408,8 +415,13 @@ def querierSocketCase(neighbourCounts: list[int], rounds: int) -> dict[int, tupl
             neighbours = [Neighbour(c, reactor=reactor) for c in config.neighbours]
             walls: list[float] = []
             cpu = 0.0
+            evict = bytearray(evictMB << 20)
             for r in range(rounds + 20):
                 request = AccessRequest.fromURL("127.0.0.1", "GET", missURL(r))
+                if gapMs:
+                    time.sleep(gapMs / 1000.0)
+                for i in range(0, len(evict), 64):
+                    evict[i] = r & 0xFF
                 outcome: list[Any] = []
                 c0 = time.process_time()
                 w0 = time.perf_counter()
@@ -426,7 +438,8 @@ def querierSocketCase(neighbourCounts: list[int], rounds: int) -> dict[int, tupl
                     cpu += c1 - c0
             results[count] = (statistics.median(walls) * 1e3, cpu / rounds * 1e6)
             print(
-                f"querier {count:3} neighbours, sockets: median {results[count][0]:.3f} ms per round, "
+                f"querier {count:3} neighbours, sockets{' (cold)' if gapMs or evictMB else ''}: "
+                f"median {results[count][0]:.3f} ms per round, "
                 f"{results[count][1]:.0f} us CPU per round",
                 flush=True,
             )
@@ -455,6 +468,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="leave out the querier rounds over real sockets (they need gcc)")
     parser.add_argument("--socket-rounds", type=int, default=300,
                         help="rounds per neighbour count over real sockets")
+    parser.add_argument("--gap-ms", type=float, default=5.0,
+                        help="also run the socket rounds with this sleep before each round (0: not)")
+    parser.add_argument("--evict-mb", type=int, default=16,
+                        help="... and with this many MB written before each round, to cool the caches")
     args = parser.parse_args(argv)
 
     print(f"CPython {sys.version.split()[0]}, {args.queries} queries per run, best of {args.repeat}")
@@ -474,7 +491,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 flush=True,
             )
         if not args.no_querier_sockets:
-            querierSocketCase([int(c) for c in args.neighbours.split(",")], args.socket_rounds)
+            counts = [int(c) for c in args.neighbours.split(",")]
+            querierSocketCase(counts, args.socket_rounds)
+            if args.gap_ms or args.evict_mb:
+                querierSocketCase(counts, args.socket_rounds, args.gap_ms, args.evict_mb)
     return 0
 
 
