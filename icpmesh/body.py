@@ -98,6 +98,7 @@ class RequestBodyStream:
         self._buffer: deque[bytes] = deque()
         self._buffered = 0
         self._consumer: Any = None
+        self._owner: Any = None
         self._deferred: Optional[Deferred[None]] = None
         self._paused = False
         self._dead = False
@@ -105,16 +106,24 @@ class RequestBodyStream:
 
     # -- IBodyProducer -------------------------------------------------------
 
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
+    def startProducing(self, consumer: Any, owner: Any = None) -> "Deferred[None]":
         """
         Write the body to C{consumer}: what is buffered at once, the rest
         as it arrives.
+
+        @param owner: the L{RouteBody} this is started through, if any:
+            only its calls pause, resume or stop the body from then on.
         """
         if self._failure is not None:
             return fail(self._failure)
-        if self._dead or self._consumer is not None:
+        if self._dead or (self._consumer is not None and self.sent):
             return fail(BodyAborted("the request body was already sent elsewhere"))
+        # A consumer still here with nothing written to it is stale: its
+        # request failed before it stopped us (twisted.web's client fails
+        # the request first, then calls stopProducing), and the next route
+        # takes the body over.
         self._consumer = consumer
+        self._owner = owner
         self._paused = False
         self._deferred = Deferred(lambda d: self._detachConsumer())
         deferred = self._deferred
@@ -122,25 +131,35 @@ class RequestBodyStream:
         self._flush()
         return deferred
 
-    def pauseProducing(self) -> None:
+    def pauseProducing(self, owner: Any = None) -> None:
         """
         The upstream connection is full: hold further chunks.
         """
-        self._paused = True
+        if owner is self._owner:
+            self._paused = True
 
-    def resumeProducing(self) -> None:
+    def resumeProducing(self, owner: Any = None) -> None:
         """
         The upstream connection can take more.
         """
-        self._paused = False
-        self._flush()
+        if owner is self._owner:
+            self._paused = False
+            self._flush()
 
-    def stopProducing(self) -> None:
+    def stopProducing(self, owner: Any = None) -> None:
         """
         The upstream connection went away.  Without a byte written the body
         may still go to another route; otherwise it is dropped.
         """
-        self._detachConsumer()
+        if owner is self._owner:
+            self._detachConsumer()
+
+    def producer(self) -> "RouteBody":
+        """
+        An L{IBodyProducer} for one upstream request: calls from a request
+        that was given up (another route took the body over) are ignored.
+        """
+        return RouteBody(self)
 
     # -- what the proxy asks -------------------------------------------------
 
@@ -149,7 +168,7 @@ class RequestBodyStream:
         Whether the body can still be given to another consumer: not a byte
         of it went out and it was not aborted.
         """
-        return self.sent == 0 and not self._dead and self._failure is None and self._consumer is None
+        return self.sent == 0 and not self._dead and self._failure is None
 
     def abort(self, reason: Failure) -> None:
         """
@@ -160,7 +179,7 @@ class RequestBodyStream:
         self._failure = reason
         self._drop()
         deferred, self._deferred = self._deferred, None
-        self._consumer = None
+        self._consumer = self._owner = None
         if deferred is not None:
             deferred.errback(reason)
 
@@ -214,6 +233,7 @@ class RequestBodyStream:
 
     def _detachConsumer(self) -> None:
         self._consumer = None
+        self._owner = None
         self._deferred = None
         if self.sent:
             self._drop()
@@ -246,6 +266,37 @@ class RequestBodyStream:
             deferred, self._deferred = self._deferred, None
             self._consumer = None
             deferred.callback(None)
+
+
+@implementer(IBodyProducer)
+class RouteBody:
+    """
+    A L{RequestBodyStream} as given to one upstream request (one route).
+
+    When a route fails before a byte of the body went out, the next route
+    takes the body over; the failed request may still call
+    C{stopProducing} afterwards (twisted.web's client does, right after
+    failing the request), which must not stop the body going to the next
+    route.
+
+    @ivar stream: the L{RequestBodyStream}.
+    """
+
+    def __init__(self, stream: RequestBodyStream) -> None:
+        self.stream = stream
+        self.length = stream.length
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        return self.stream.startProducing(consumer, self)
+
+    def pauseProducing(self) -> None:
+        self.stream.pauseProducing(self)
+
+    def resumeProducing(self) -> None:
+        self.stream.resumeProducing(self)
+
+    def stopProducing(self) -> None:
+        self.stream.stopProducing(self)
 
 
 class StreamingRequest(Request):

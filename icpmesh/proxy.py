@@ -717,7 +717,12 @@ class CachingProxyResource(Resource):
         is aborted either way.
         """
         stream = request.bodyStream
-        if stream.sent == 0 and not request.startedWriting and not request.finished:
+        answer = stream.sent == 0 and not request.startedWriting and not request.finished
+        request.bodyRefused = answer
+        # The upstream request is failed first: finishing the response
+        # detaches the stream, after which nothing could fail it.
+        stream.abort(Failure(BodyAborted(f"request body over {self.maxRequestBodySize} bytes")))
+        if answer:
             self._error(request, 413, "Content Too Large", "The request body is too large.",
                         client, method, url, started, code="NONE")
         else:
@@ -726,7 +731,6 @@ class CachingProxyResource(Resource):
                      sent=stream.sent)
             if not request.finished and not request._disconnected:
                 _abort(request)
-        stream.abort(Failure(BodyAborted(f"request body over {self.maxRequestBodySize} bytes")))
 
     def _maxForwards(self, exchange: _Exchange) -> bool:
         """
@@ -1183,11 +1187,11 @@ class CachingProxyResource(Resource):
         stream: Optional[RequestBodyStream] = None
         if request is not None and exchange.access.method not in ("GET", "HEAD"):
             stream = getattr(request, "bodyStream", None)
-        if stream is not None and (stream.clientGone or request.finished):
+        if stream is not None and _uploadGiveUp(request, stream):
             # While routes were chosen the client left during its upload, or
-            # its body broke the size limit (answered already).
+            # its body broke the size limit.
             self._release(fetch)
-            if stream.clientGone:
+            if _uploadLeftLog(request, stream):
                 self._clientLeft(exchange, route, stream)
             return
         sent = headers
@@ -1199,7 +1203,7 @@ class CachingProxyResource(Resource):
         if request is not None and exchange.access.method not in ("GET", "HEAD"):
             if stream is not None:
                 # Streamed as it arrives (icpmesh.body.StreamingRequest).
-                body = stream
+                body = stream.producer()
             elif _hasBody(request):
                 # Read whole by twisted.web first (a plain Site).
                 request.content.seek(0)
@@ -1211,6 +1215,15 @@ class CachingProxyResource(Resource):
 
         def gotResponse(response: Any) -> None:
             self.mesh.noteFetchSucceeded(route.neighbour)
+            if stream is not None and _uploadGiveUp(request, stream):
+                # The upload was given up (client gone, body over the
+                # limit, answered already): nobody takes this response.
+                exchange.gone = True
+                response.deliverBody(_Discard())
+                self._release(fetch)
+                if _uploadLeftLog(request, stream):
+                    self._clientLeft(exchange, route, stream)
+                return
             if stream is not None:
                 stream.answered = True
             if route.onlyIfCached and response.code == 504 and fetch.routes and (
@@ -1223,11 +1236,12 @@ class CachingProxyResource(Resource):
             self._gotResponse(fetch, route, response, requestTime)
 
         def failed(f: Failure) -> None:
-            if stream is not None and (stream.clientGone or request.finished):
+            if stream is not None and _uploadGiveUp(request, stream):
                 # The client went away during its upload (or the body broke
                 # the size limit): the upstream request was aborted for it.
+                exchange.gone = True
                 self._release(fetch)
-                if stream.clientGone:
+                if _uploadLeftLog(request, stream):
                     self._clientLeft(exchange, route, stream)
                 return
             if f.check(ConnectError, DNSLookupError, TimeoutError) or _isConnectFailure(f):
@@ -2081,6 +2095,27 @@ def _rangeHit(
     out.setRawHeaders(b"content-length", [b"%d" % (last - first + 1,)])
     out.setRawHeaders(b"content-range", [contentRange(first, last, size)])
     return 206, (first, last - first + 1)
+
+
+def _uploadGiveUp(request: Any, stream: RequestBodyStream) -> bool:
+    """
+    Whether the upstream request for a streamed upload was given up: the
+    client left during its body, the body broke C{maxRequestBodySize}, or
+    the response is finished already.  Its outcome must then touch neither
+    the response nor the routes.
+    """
+    return stream.clientGone or request.finished or getattr(request, "_overLimit", False)
+
+
+def _uploadLeftLog(request: Any, stream: RequestBodyStream) -> bool:
+    """
+    Whether a given-up upload is logged as C{TCP_MISS_ABORTED}: the client
+    left, or its connection was closed for a body over the limit (not when
+    it was answered 413, which is logged already).
+    """
+    if getattr(request, "_overLimit", False):
+        return not getattr(request, "bodyRefused", False)
+    return stream.clientGone
 
 
 def _markGone(exchange: _Exchange) -> None:

@@ -25,7 +25,7 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from icpmesh.accesslog import AccessLog
-from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream, StreamingRequest
+from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream, RouteBody, StreamingRequest
 from icpmesh.interfaces import DIRECT, Route
 from icpmesh.proxy import CachingProxyResource
 from icpmesh.service import ProxySite
@@ -253,7 +253,7 @@ class StreamingUploadTests(UploadTestMixin, SynchronousTestCase):
         self.assertEqual(self.upstream.fetches, [])
         channel.dataReceived(b"cd")
         [fetch] = self.upstream.fetches
-        self.assertNotIsInstance(fetch.body, RequestBodyStream)
+        self.assertNotIsInstance(fetch.body, (RequestBodyStream, RouteBody))
         self.assertEqual(fetch.body.length, 4)
 
     def test_plainSiteWithStreamingRequest(self) -> None:
@@ -266,7 +266,7 @@ class StreamingUploadTests(UploadTestMixin, SynchronousTestCase):
         channel, transport = self.connect()
         channel.dataReceived(self.head(length=4) + b"ab")
         [fetch] = self.upstream.fetches
-        self.assertIsInstance(fetch.body, RequestBodyStream)
+        self.assertIsInstance(fetch.body, RouteBody)
         self.assertEqual(fetch.connect().value(), b"ab")
 
     def test_otherResourceBuffers(self) -> None:
@@ -405,6 +405,69 @@ class LimitTests(UploadTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnected)
         self.assertIsInstance(fetch.outcome[0], Failure)
         self.assertNotIn(b"y", consumer.value())
+
+
+    def test_chunkedOverLimitAfterConnectBeforeSending(self) -> None:
+        """
+        A chunked body that grows past the limit after the upstream
+        connection is up but before a byte of it went out: the upstream
+        request fails at once (it would otherwise wait for the rest of the
+        body forever), and the client gets 413 and a closed connection.
+        """
+        self.build(maxRequestBodySize=10)
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None, headers=[("Expect", "100-continue")]))
+        [fetch] = self.upstream.fetches
+        consumer = fetch.connect()
+        channel.dataReceived(chunk(b"y" * 12))
+        self.assertEqual(len(fetch.outcome), 1)
+        self.assertIsInstance(fetch.outcome[0], Failure)
+        self.assertEqual(consumer.value(), b"")
+        response = parseResponse(transport.value().split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(response.status, 413)
+        self.assertTrue(transport.disconnecting)
+
+    def test_upstreamAnswersAfter413(self) -> None:
+        """
+        An upstream that answers after the client was answered 413: the
+        answer is dropped, nothing more is written to the client, and only
+        the 413 is logged.
+        """
+        self.build(maxRequestBodySize=10)
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        channel.dataReceived(chunk(b"y" * 12))
+        written = transport.value()
+        self.assertEqual(parseResponse(written).status, 413)
+        channel.connectionLost(Failure(ConnectionLost()))
+        response = fetch.respond(408, length=5)
+        response.deliver(b"abcde")
+        response.finish()
+        self.assertEqual(transport.value(), written)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        lines = self.logLines()
+        self.assertEqual(len(lines), 1)
+        self.assertIn("NONE/413", lines[0])
+
+    def test_upstreamFailsAfter413(self) -> None:
+        """
+        The upstream request failing after the 413 (as the aborted body
+        makes it) adds no 502 and tries no other route.
+        """
+        self.build(maxRequestBodySize=10)
+        self.selector.routes = [DIRECT, DIRECT]
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        channel.dataReceived(chunk(b"y" * 12))
+        written = transport.value()
+        fetch.result.errback(fetch.outcome[0])
+        self.assertEqual(transport.value(), written)
+        self.assertEqual(len(self.upstream.fetches), 1)
+        self.assertEqual(len(self.logLines()), 1)
 
 
 class ExpectContinueTests(UploadTestMixin, SynchronousTestCase):
@@ -564,8 +627,10 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         channel.dataReceived(self.head(length=6) + b"abc")
         [fetch] = self.upstream.fetches
         fetch.connect()
-        fetch.body.stopProducing()
+        # twisted.web's client order: the request fails, then the body
+        # producer is stopped.
         fetch.result.errback(ResponseFailed([Failure(ConnectionLost())]))
+        fetch.body.stopProducing()
         self.assertEqual(len(self.upstream.fetches), 1)
         response = parseResponse(transport.value())
         self.assertEqual(response.status, 502)
@@ -588,11 +653,39 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         first.result.errback(ConnectionRefusedError())
         self.assertEqual(self.mesh.failed, [parent])
         second = self.upstream.fetches[1]
-        self.assertIs(second.body, first.body)
+        self.assertIs(second.body.stream, first.body.stream)
         consumer = second.connect()
         channel.dataReceived(b"def")
         self.assertEqual(consumer.value(), b"abcdef")
         self.assertEqual(second.outcome, [None])
+
+    def test_retryWhenNothingSentTwistedOrder(self) -> None:
+        """
+        A route whose connection was up but failed before a byte of the
+        body went out is followed by the next route, in twisted.web's
+        client order (the request fails first, then its body producer is
+        stopped); that late stop does not take the body from the next
+        route, even when that one has started already.
+        """
+        parent = FakeNeighbour("parent", type="parent")
+        self.mesh.neighbours = [parent]
+        self.selector.routes = [Route(parent, "FIRST_PARENT_MISS"), DIRECT]
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=6, headers=[("Expect", "100-continue")]))
+        first = self.upstream.fetches[0]
+        self.assertEqual(first.connect().value(), b"")
+        first.result.errback(ResponseFailed([Failure(ConnectionLost())]))
+        self.assertEqual(len(self.upstream.fetches), 2)
+        second = self.upstream.fetches[1]
+        consumer = second.connect()
+        first.body.stopProducing()
+        first.body.pauseProducing()
+        channel.dataReceived(b"abcdef")
+        self.assertEqual(consumer.value(), b"abcdef")
+        self.assertEqual(second.outcome, [None])
+        self.assertEqual(first.outcome, [])
+        second.respond(code=201, length=0).finish()
+        self.assertEqual(parseResponse(transport.value().split(b"\r\n\r\n", 1)[1]).status, 201)
 
     def test_clientGoneBeforeRoutes(self) -> None:
         """
