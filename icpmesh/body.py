@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -47,6 +48,11 @@ log = Logger()
 #: Body bytes held while the upstream cannot take them; beyond this the
 #: client's transport is paused.
 HIGH_WATER = 64 * 1024
+
+#: Body bytes held at most, whatever happens: a client that goes on
+#: sending although its transport was paused has its connection closed
+#: (and the upstream request aborted) beyond this.
+BUFFER_LIMIT = 16 * HIGH_WATER
 
 #: Body bytes read and dropped after the response was finished early; a
 #: longer rest (by Content-Length, or as a chunked body goes on) gets the
@@ -197,7 +203,13 @@ class RequestBodyStream:
             return
         self._buffer.append(data)
         self._buffered += len(data)
-        if self._buffered > HIGH_WATER:
+        if self._buffered > BUFFER_LIMIT:
+            log.warn("request body: {buffered} bytes held for the upstream, over {limit}: "
+                     "closing the client's connection", buffered=self._buffered, limit=BUFFER_LIMIT)
+            self.clientGone = True
+            self.abort(Failure(BodyAborted(f"more than {BUFFER_LIMIT} request body bytes held")))
+            self._request.dropClient()
+        elif self._buffered > HIGH_WATER:
             self._request.pauseClient()
 
     def bodyComplete(self) -> None:
@@ -445,12 +457,35 @@ class StreamingRequest(Request):
 
     def resumeClient(self) -> None:
         """
-        Read from the client again.
+        Read from the client again (unless the channel keeps the transport
+        paused because the client does not read its responses: it resumes
+        it itself when they drain).
         """
         transport = self._clientTransport()
         if self._clientPaused and transport is not None:
             self._clientPaused = False
-            transport.resumeProducing()
+            if not getattr(self.channel, "_waitingForTransport", False):
+                transport.resumeProducing()
+
+    @property
+    def holdsClient(self) -> bool:
+        """
+        Whether the body stream wants the client's transport paused.
+        """
+        return self._clientPaused
+
+    def dropClient(self) -> None:
+        """
+        Abort the client's connection: no more of the body is read, and a
+        response begun is not finished.
+        """
+        channel = self.channel
+        self._closing = True
+        if self._closed or channel is None or channel.transport is None:
+            return
+        self._closed = True
+        channel.persistent = False
+        channel.transport.abortConnection()
 
     def _clientTransport(self) -> Any:
         channel = self.channel
@@ -470,3 +505,53 @@ class StreamingRequest(Request):
         self._closed = True
         channel.persistent = False
         channel.loseConnection()
+
+
+class StreamingChannel(HTTPChannel):
+    """
+    The HTTP/1.1 channel for L{StreamingRequest}s.
+
+    It differs from L{HTTPChannel} in two ways while a request body is
+    streamed:
+
+      - when the client's socket drains (our responses were written),
+        C{HTTPChannel} would resume reading from the client; this one
+        leaves the transport paused while the body stream holds it paused
+        (L{StreamingRequest.holdsClient}), so at most about
+        L{HIGH_WATER} bytes are buffered;
+
+      - a malformed body (a bad chunk size, say) found after the response
+        was started gets the connection aborted: C{HTTPChannel} would write
+        a C{400} status line into the middle of the response body, which a
+        client could read as part of it.  Counted in C{site.counters}
+        (C{malformedBodyAborted}) when the site has counters.
+    """
+
+    def resumeProducing(self) -> None:
+        if any(getattr(request, "holdsClient", False) for request in self.requests):
+            self._waitingForTransport = False
+            if self._requestProducer is not None:
+                self._requestProducer.resumeProducing()
+            return
+        HTTPChannel.resumeProducing(self)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if any(request.startedWriting and not request.finished for request in self.requests):
+            log.warn("malformed request body from {peer} after the response was started: "
+                     "aborting the connection", peer=self.transport.getPeer())
+            counters = getattr(getattr(self, "site", None), "counters", None)
+            if counters is not None:
+                counters["malformedBodyAborted"] += 1
+            self.persistent = False
+            self.transport.abortConnection()
+            return
+        HTTPChannel._respondToBadRequestAndDisconnect(self)
+
+
+def streamingChannelFactory(factory: Any) -> _GenericHTTPChannelProtocol:
+    """
+    A C{protocol} for a L{twisted.web.server.Site}: as twisted.web's own
+    (HTTP/1.1, or HTTP/2 when negotiated), with a L{StreamingChannel} for
+    HTTP/1.1.
+    """
+    return _GenericHTTPChannelProtocol(StreamingChannel())

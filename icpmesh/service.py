@@ -21,6 +21,7 @@ directly::
 from __future__ import annotations
 
 import gc
+from collections import Counter
 import ipaddress
 from typing import Any, Optional, Union
 
@@ -33,7 +34,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
 from icpmesh import __version__
-from icpmesh.body import StreamingRequest
+from icpmesh.body import StreamingRequest, streamingChannelFactory
 from icpmesh.config import ConfigError, MeshConfig, loadConfig
 from icpmesh.monitor import MeshMonitor
 from icpmesh.neighbours import Neighbour
@@ -127,16 +128,24 @@ class ProxySite(Site):
     format, so C{twisted.web}'s own per-request log line (written to the
     twistd log, on the hit path) is switched off.  Its requests are
     L{ProxyRequest}s, which stream request bodies upstream as they arrive
-    (L{StreamingRequest}).
+    (L{StreamingRequest}, on a L{icpmesh.body.StreamingChannel}).
 
     @ivar leanProcessing: L{ProxyRequest} takes its shortcut (C{False}:
         every request is processed as a plain C{Site} would).
+    @ivar counters: rare event counts by name (C{malformedBodyAborted}:
+        connections aborted for a malformed request body found after the
+        response was started).
     """
 
     requestFactory = ProxyRequest
+    protocol = streamingChannelFactory  # type: ignore[assignment]
     leanProcessing = True
     _dateSecond = -1
     _dateValue = b""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        Site.__init__(self, *args, **kwargs)
+        self.counters: Counter[str] = Counter()
 
     def httpDate(self) -> bytes:
         """

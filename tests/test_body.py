@@ -25,7 +25,7 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from icpmesh.accesslog import AccessLog
-from icpmesh.body import DRAIN_LIMIT, HIGH_WATER, RequestBodyStream, RouteBody, StreamingRequest
+from icpmesh.body import BUFFER_LIMIT, DRAIN_LIMIT, HIGH_WATER, BodyAborted, RequestBodyStream, RouteBody, StreamingRequest
 from icpmesh.interfaces import DIRECT, Route
 from icpmesh.proxy import CachingProxyResource
 from icpmesh.service import ProxySite
@@ -346,6 +346,80 @@ class FlowControlTests(UploadTestMixin, SynchronousTestCase):
         [fetch] = self.upstream.fetches
         fetch.connect()
         self.assertEqual(transport.producerState, "producing")
+
+
+    def test_channelResumeKeepsBodyPause(self) -> None:
+        """
+        When the client's socket drains the response (the transport tells
+        the channel to pause, then to resume), the channel does not resume
+        reading the client while the body stream holds it paused: a slow
+        upstream keeps the body held near the high-water mark however long
+        the response streams.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        fetch.body.pauseProducing()
+        response = fetch.respond(code=200, length=None)
+        inner = channel._channel
+        for i in range(8):
+            response.deliver(b"event\n")
+            inner.pauseProducing()
+            inner.resumeProducing()
+            if transport.producerState == "paused":
+                break
+            channel.dataReceived(chunk(b"x" * (HIGH_WATER // 2)))
+        self.assertEqual(transport.producerState, "paused")
+        stream = fetch.body.stream
+        held = stream._buffered
+        self.assertLessEqual(held, HIGH_WATER + HIGH_WATER // 2)
+        inner.pauseProducing()
+        inner.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        fetch.body.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(len(fetch.consumer.value()), held)
+
+    def test_bodyResumeKeepsChannelPause(self) -> None:
+        """
+        When the upstream takes the held body while the client is not
+        reading its responses (the channel paused the transport), the
+        transport stays paused until the channel resumes it.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        fetch.body.pauseProducing()
+        channel.dataReceived(chunk(b"x" * (HIGH_WATER + 1)))
+        self.assertEqual(transport.producerState, "paused")
+        channel._channel.pauseProducing()
+        fetch.body.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        channel._channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_bufferLimitClosesClient(self) -> None:
+        """
+        A client that goes on sending although its transport was paused is
+        cut off past L{BUFFER_LIMIT} held bytes: the upstream request fails,
+        the client's connection is aborted, and it is logged.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        fetch.body.pauseProducing()
+        for i in range(BUFFER_LIMIT // HIGH_WATER + 1):
+            self.assertEqual(fetch.outcome, [])
+            channel.dataReceived(chunk(b"x" * HIGH_WATER))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsInstance(fetch.outcome[0].value, BodyAborted)
+        self.assertEqual(fetch.body.stream._buffered, 0)
+        fetch.result.errback(fetch.outcome[0])
+        self.assertEqual(transport.value(), b"")
+        self.assertIn("TCP_MISS_ABORTED/000", self.logLines()[-1])
 
 
 class LimitTests(UploadTestMixin, SynchronousTestCase):
@@ -717,6 +791,36 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         self.assertEqual(parseResponse(transport.value()).status, 502)
         channel.dataReceived(b"def")
         self.assertFalse(transport.disconnecting)
+
+    def test_malformedChunkDuringResponse(self) -> None:
+        """
+        A malformed chunk that arrives after the response was started gets
+        the connection aborted, and counted: no C{400} status line is
+        written into the response body, where the client could read it as
+        the rest of the body.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None) + chunk(b"abc"))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        response = fetch.respond(code=200, length=10)
+        response.deliver(b"12345")
+        written = transport.value()
+        channel.dataReceived(b"zz\r\n")
+        self.assertEqual(transport.value(), written)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.site.counters["malformedBodyAborted"], 1)
+
+    def test_malformedChunkBeforeResponse(self) -> None:
+        """
+        A malformed chunk before any response was started is still answered
+        C{400 Bad Request}, as twisted.web does.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None) + chunk(b"abc"))
+        channel.dataReceived(b"zz\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request"))
+        self.assertEqual(self.site.counters["malformedBodyAborted"], 0)
 
     def test_upstreamAnswersEarly(self) -> None:
         """
