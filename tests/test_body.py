@@ -858,3 +858,86 @@ class FailureTests(UploadTestMixin, SynchronousTestCase):
         channel.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(response.transport.producerState, "stopped")
         self.assertEqual(fetch.outcome, [])
+
+
+class RealAgentTests(SynchronousTestCase):
+    """
+    The proxy's own upstream client (twisted.web's C{Agent}) on a memory
+    reactor: the order in which it fails requests and stops body producers
+    is its own, not a test double's.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(NOW)
+        self.selector = FakeSelector()
+        self.logFile = io.StringIO()
+        self.accessLog = AccessLog(self.logFile, reactor=self.clock)
+
+    def connect(self, **kwargs: Any) -> tuple[Any, StringTransport]:
+        proxy = CachingProxyResource(
+            MemoryStore(reactor=self.clock), FakeAccess(), self.selector, FakeMesh(), "proxy.test",
+            reactor=self.clock, accessLog=self.accessLog, **kwargs,
+        )
+        site = ProxySite(proxy, reactor=self.clock)
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def upstreamConnected(self, index: int) -> tuple[Any, StringTransport]:
+        """
+        Let the C{index}th upstream connection attempt succeed.
+        """
+        host, port, factory, _, _ = self.clock.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_retryAfterConnectionLostBeforeBody(self) -> None:
+        """
+        An upstream connection lost after the request head went out but
+        before any body byte: the next route gets the whole body and its
+        answer reaches the client.
+        """
+        self.selector.routes = [DIRECT, DIRECT]
+        channel, transport = self.connect()
+        channel.dataReceived(
+            f"PUT {URL} HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 6\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        first, firstTransport = self.upstreamConnected(0)
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        first.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(self.clock.tcpClients), 2)
+        second, secondTransport = self.upstreamConnected(1)
+        channel.dataReceived(b"abcdef")
+        self.assertTrue(secondTransport.value().endswith(b"\r\n\r\nabcdef"))
+        second.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        response = parseResponse(transport.value().split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(response.status, 201)
+
+    def test_overLimitAfterConnect(self) -> None:
+        """
+        A chunked body over the limit once the upstream connection is up:
+        the upstream connection is dropped, the client gets only the 413,
+        and nothing fails.
+        """
+        self.selector.routes = [DIRECT]
+        channel, transport = self.connect(maxRequestBodySize=10)
+        channel.dataReceived(
+            f"PUT {URL} HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        upstream, upstreamTransport = self.upstreamConnected(0)
+        channel.dataReceived(chunk(b"y" * 12))
+        self.assertTrue(upstreamTransport.disconnecting)
+        written = transport.value()
+        self.assertEqual(parseResponse(written).status, 413)
+        upstream.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(transport.value(), written)
+        self.accessLog.flush()
+        lines = self.logFile.getvalue().splitlines()
+        self.assertEqual(len(lines), 1)
+        self.assertIn("NONE/413", lines[0])
