@@ -38,8 +38,8 @@ from urllib.parse import parse_qs
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -324,11 +324,14 @@ class StreamingRequest(Request):
         C{None}; set by the resource.
     @ivar onBodyTooLarge: called once when the body grows past
         C{bodyLimit}; set by the resource.
+    @ivar bodyRefused: the body grew past C{bodyLimit} and was answered
+        C{413} (rather than the connection closed); set by the resource.
     """
 
     bodyStream: Optional[RequestBodyStream] = None
     bodyLimit: Optional[int] = None
     onBodyTooLarge: Optional[Callable[[], None]] = None
+    bodyRefused = False
     _bodyDone = False
     _cleanupPending = False
     _expectContinue = False

@@ -21,8 +21,8 @@ directly::
 from __future__ import annotations
 
 import gc
-from collections import Counter
 import ipaddress
+from collections import Counter
 from typing import Any, Optional, Union
 
 from twisted.application import internet, service
