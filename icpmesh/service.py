@@ -63,10 +63,15 @@ def tuneGarbageCollector(threshold0: int = GC_THRESHOLD0) -> None:
     CPU time, and under 2% after this (docs/performance.md).  Reference
     cycles (Deferreds, Failures) are still collected, only in larger batches.
 
+    Elsewhere than on CPython (PyPy) it does nothing.
+
     C{twistd icpmesh} calls this once the reactor runs.  It changes
     process-wide state, so L{makeMeshService} does not: an application that
     embeds a node decides for itself.
     """
+    if not hasattr(gc, "freeze"):
+        # Not CPython (PyPy's collector has no generations to tune).
+        return
     gc.freeze()
     _, threshold1, threshold2 = gc.get_threshold()
     gc.set_threshold(threshold0, threshold1, threshold2)

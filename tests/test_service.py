@@ -194,3 +194,21 @@ class GarbageCollectorTests(SynchronousTestCase):
         del a, b
         gc.collect()
         self.assertIsNone(ref())
+
+    def test_notCPython(self) -> None:
+        """
+        Without C{gc.freeze} (PyPy) it does nothing, and does not fail.
+        """
+        import gc
+
+        from icpmesh import service
+
+        class NoFreeze:
+            def __getattr__(self, name: str) -> object:
+                if name == "freeze":
+                    raise AttributeError(name)
+                raise AssertionError(f"gc.{name} used")
+
+        self.patch(service, "gc", NoFreeze())
+        tuneGarbageCollector(5)
+        self.assertNotEqual(gc.get_threshold()[0], 5)
