@@ -551,6 +551,23 @@ class StreamingChannel(HTTPChannel):
         HTTPChannel._respondToBadRequestAndDisconnect(self)
 
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request line or header line longer than C{MAX_LENGTH}: answer
+        C{431} and close, where C{LineReceiver} would close without a word
+        (unless an earlier response on this connection is still going out).
+        """
+        self.persistent = False
+        # The last request is the one being read; earlier ones may still
+        # be answering.
+        if not any(not request.finished for request in self.requests[:-1]):
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                b"Content-Length: 0\r\n\r\n"
+            )
+        self.loseConnection()
+
+
 def streamingChannelFactory(factory: Any) -> _GenericHTTPChannelProtocol:
     """
     A C{protocol} for a L{twisted.web.server.Site}: as twisted.web's own

@@ -45,6 +45,9 @@ from icpmesh.server import FailureRatio, ICPResponder
 
 log = Logger()
 
+#: twisted.web's own limit on a request's header section and on one line.
+_TWISTED_HEADER_LIMIT = 16384
+
 #: The youngest-generation threshold of CPython's cyclic garbage collector
 #: in a C{twistd icpmesh} node (CPython's default is 700).
 GC_THRESHOLD0 = 20000
@@ -94,18 +97,23 @@ class ProxyRequest(StreamingRequest):
     (formatted once per second).  Any other request (the node's own pages,
     C{CONNECT}, C{OPTIONS *}) is processed by C{twisted.web} as usual.
 
-    @ivar headerBytes: the size of the request's header section as the
-        channel counted it (request line included), for the proxy's 431
-        check; C{None} if the channel does not say.
+    @ivar headerBytes: an upper bound of the request's header section size
+        from the channel's own counts (request line included), for the
+        proxy's 431 check; C{None} if the channel does not say.
     """
 
     headerBytes: Optional[int] = None
 
     def gotLength(self, length: Optional[int]) -> None:
-        # The channel resets its count once the body is in; read it now.
-        # (A private attribute of HTTPChannel: without it the proxy sums
-        # the headers itself.)
-        self.headerBytes = getattr(self.channel, "_receivedHeaderSize", None)
+        # The channel resets its counts once the body is in; read them now.
+        # It counts the lines without their CRLF and maybe without the
+        # space after the colon, so add 4 per line for an upper bound of
+        # the size the proxy's limit is measured in.  (Private attributes
+        # of HTTPChannel: without them the proxy sums the headers itself.)
+        size = getattr(self.channel, "_receivedHeaderSize", None)
+        count = getattr(self.channel, "_receivedHeaderCount", None)
+        if isinstance(size, int) and isinstance(count, int):
+            self.headerBytes = size + 4 * (count + 1)
         super().gotLength(length)
 
     def process(self) -> None:
@@ -177,7 +185,7 @@ class ProxySite(Site):
             # the HTTPChannel itself (Site.buildProtocol returns a wrapper
             # that does not pass attributes on).
             inner = getattr(channel, "_channel", channel)
-            inner.totalHeadersSize = self.maxHeaderBytes + 8192
+            inner.totalHeadersSize = max(self.maxHeaderBytes + 8192, _TWISTED_HEADER_LIMIT)
             # One header line may be as long (twisted.web's LineReceiver
             # drops the connection without an answer past MAX_LENGTH).
             inner.MAX_LENGTH = inner.totalHeadersSize

@@ -125,6 +125,33 @@ class LimitsTests(SynchronousTestCase):
         self.assertEqual(status(20000), b"HTTP/1.1 504 Gateway Timeout")
         self.assertEqual(status(33000), b"HTTP/1.1 431 Request Header Fields Too Large")
 
+    def test_smallHeaderLimit(self) -> None:
+        """
+        With a limit below twisted.web's 16 KiB: many short header lines
+        over the limit, one long line, and one line longer than any line
+        the channel reads all get 431.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        svc = makeMeshService(parseConfig("http_port 127.0.0.1:0\nrequest_header_max_size 1 KB\n", "t"),
+                              reactor=FakeUDPReactor())
+
+        def status(headers: bytes) -> bytes:
+            address = IPv4Address("TCP", "127.0.0.1", 40000)
+            channel = svc.site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address)
+            channel.makeConnection(transport)
+            channel.dataReceived(b"GET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n" + headers
+                                 + b"Cache-Control: only-if-cached\r\n\r\n")
+            return transport.value().split(b"\r\n", 1)[0]
+
+        tooLarge = b"HTTP/1.1 431 Request Header Fields Too Large"
+        self.assertEqual(status(b"X-A: 1\r\n" * 20), b"HTTP/1.1 504 Gateway Timeout")
+        self.assertEqual(status(b"".join(b"X%03d:v\r\n" % i for i in range(150))), tooLarge)
+        self.assertEqual(status(b"X-Big: " + b"a" * 12000 + b"\r\n"), tooLarge)
+        self.assertEqual(status(b"X-Big: " + b"a" * 20000 + b"\r\n"), tooLarge)
+
     def test_cdnCacheControl(self) -> None:
         """
         cdn_cache_control reaches the proxy; C{restrictive} by default.
