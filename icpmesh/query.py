@@ -409,7 +409,7 @@ async def runQueries(
         address, args.urls, timeout=args.timeout, options=options, version=args.icpVersion, reactor=reactor
     )
     try:
-        listening = reactor.listenUDP(0, protocol, interface=bind)
+        listening = reactor.listenUDP(0, protocol, interface=bind, maxPacketSize=icp.MAX_MESSAGE_LENGTH + 1)
     except Exception as e:
         print(f"icpmesh-query: cannot bind to {bind or '0.0.0.0'}: {e}", file=err)
         return 2

@@ -29,6 +29,8 @@ from twisted.internet import udp
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python import log
 
+from icpmesh.icp import MAX_MESSAGE_LENGTH
+
 #: Errors that end a read quietly: nothing more to read now.
 _READ_IGNORE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 #: Errors that report an earlier send refused (ICMP port unreachable).
@@ -112,13 +114,17 @@ def listenICP(
     protocol: DatagramProtocol,
     interface: str = "",
     multicast: bool = False,
-    maxPacketSize: int = 8192,
+    maxPacketSize: int = MAX_MESSAGE_LENGTH + 1,
 ) -> Any:
     """
     Listen for ICP on UDP C{port}, as C{reactor.listenUDP} (or
     C{listenMulticast} with C{multicast}, with C{listenMultiple} off) would,
     with an L{ICPPort} or L{ICPMulticastPort} when the reactor's own ports
     are Twisted's UDP ports.
+
+    The default C{maxPacketSize} reads a datagram one byte longer than the
+    longest ICP message, so that a longer one is seen as too long (and
+    answered or counted as such) instead of being cut to a shorter length.
 
     @return: the listening port.
     """

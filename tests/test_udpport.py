@@ -185,6 +185,26 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual((plain.address, group.address), (("127.0.0.1", 3130), ("127.0.0.1", 3131)))
         self.assertTrue(hasattr(group, "joinGroup"))
 
+    def test_readsWholeICPMessages(self) -> None:
+        """
+        Datagrams are read up to one byte more than the longest ICP message
+        (16,384 bytes), on both kinds of port: a longer one is then seen as
+        too long, never cut to a valid-looking shorter message.
+        """
+        reactor = FakeUDPReactor()
+        calls: list[int] = []
+        original = reactor.listenUDP
+
+        def spy(port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+            calls.append(maxPacketSize)
+            return original(port, protocol, interface=interface, maxPacketSize=maxPacketSize)
+
+        self.patch(reactor, "listenUDP", spy)
+        listenICP(reactor, 3130, DatagramProtocol(), interface="127.0.0.1")
+        self.patch(ICPPort, "startListening", lambda self: None)
+        lean = listenICP(SelectReactor.__new__(SelectReactor), 3130, DatagramProtocol())
+        self.assertEqual((calls, lean.maxPacketSize), ([16385], 16385))
+
     def test_serviceUsesListenICP(self) -> None:
         """
         A node's ICP service listens through L{listenICP}.
