@@ -45,6 +45,10 @@ _REPLY_WORDS = struct.Struct("!IIII")
 MAX_CHECKED_ADDRESSES = 4096
 
 
+#: Distinct reply datagrams per query whose decoded L{icp.Message} is kept
+#: for sharing with identical replies.
+_SHARED_MESSAGES_MAX = 16
+
 class IResponder(Protocol):
     """
     What L{ICPProtocol} needs from a responder (see L{icpmesh.server}).
@@ -405,9 +409,13 @@ class ICPProtocol(DatagramProtocol):
             return
         message = pending.messages.get(data)
         if message is None:
-            message = pending.messages[data] = icp.Message(
+            message = icp.Message(
                 _OPCODES[opcode], reqnum, pending.url, 2, options, optionData, sender, 0, None
             )
+            # Identical replies (most of a round's) share one Message; a
+            # flood of distinct ones must not grow the table.
+            if len(pending.messages) < _SHARED_MESSAGES_MAX:
+                pending.messages[data] = message
         self._accept(pending, tag, message, address)
 
     def _replyReceived(self, message: icp.Message, address: Address) -> None:

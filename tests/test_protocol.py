@@ -12,7 +12,7 @@ from twisted.internet.testing import FakeDatagramTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from icpmesh import icp
-from icpmesh.protocol import ICPProtocol, RateLimitedLog
+from icpmesh.protocol import _SHARED_MESSAGES_MAX, ICPProtocol, RateLimitedLog
 
 PEER = ("127.0.0.2", 3130)
 OTHER = ("127.0.0.3", 3130)
@@ -452,6 +452,18 @@ class FastPathTests(SynchronousTestCase):
         self.assertIsNot(messages[0], messages[3])
         self.assertEqual([m.opcode for m in messages], [icp.Opcode.MISS] * 3 + [icp.Opcode.HIT])
         self.assertIsInstance(messages[3].opcode, icp.Opcode)
+
+    def test_sharedMessagesBounded(self) -> None:
+        """
+        A neighbour (or someone using its address) sending many distinct
+        replies to one query does not grow the table of shared messages.
+        """
+        peer = ("127.0.0.2", 3130)
+        self.sendRound(to=[peer])
+        for n in range(200):
+            self.reply(icp.Opcode.MISS, peer, optionData=n)
+        (pending,) = self.proto._pending.values()
+        self.assertLessEqual(len(pending.messages), _SHARED_MESSAGES_MAX)
 
     def test_fastAndDecodedRepliesAgree(self) -> None:
         """
