@@ -35,8 +35,10 @@ See C{docs/proxy.md} for the rules in full and the access-log codes.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from html import escape
+from inspect import iscoroutine
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -137,6 +139,9 @@ _ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
 #: Bound on the prebuilt header sets of hits.
 _TEMPLATES_MAX = 10_000
 
+#: Bound on the origin endpoints for address literals kept for reuse.
+_LITERAL_ENDPOINTS_MAX = 1024
+
 #: Bound on the URLs whose Vary header names are remembered.
 _VARY_INDEX_MAX = 100_000
 
@@ -206,21 +211,34 @@ class _OriginEndpoints:
 
         self._reactor = reactor
         self._connectTimeout = connectTimeout
+        self._literals: dict[tuple[bytes, int], Any] = {}
         self._standard = _StandardEndpointFactory(
             reactor, BrowserLikePolicyForHTTPS(), connectTimeout, None
         )
 
     def endpointForURI(self, uri: Any) -> Any:
         if uri.scheme == b"http":
+            # Agent asks for an endpoint on every request, even one that
+            # reuses a pooled connection: an address literal's endpoint
+            # (which holds no state of its own) is made once.
+            cacheKey = (uri.host, uri.port)
+            endpoint = self._literals.get(cacheKey)
+            if endpoint is not None:
+                return endpoint
             host = uri.host.decode("ascii", "replace")
             try:
                 version = ipaddress.ip_address(host).version
             except ValueError:
                 version = 0
             if version == 4:
-                return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._connectTimeout)
-            if version == 6:
-                return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._connectTimeout)
+                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._connectTimeout)
+            elif version == 6:
+                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._connectTimeout)
+            if endpoint is not None:
+                if len(self._literals) >= _LITERAL_ENDPOINTS_MAX:
+                    self._literals.clear()
+                self._literals[cacheKey] = endpoint
+                return endpoint
         return self._standard.endpointForURI(uri)
 
 
@@ -310,11 +328,13 @@ class _Exchange:
     @ivar gone: the client has disconnected.
     @ivar plain: a GET or HEAD without any of the request headers in
         L{NOT_PLAIN_HEADERS}: a fresh hit for it takes the fast path.
+    @ivar relay: the L{_Relay} writing a fetched response to it, while it
+        does.
     """
 
     __slots__ = (
         "request", "access", "started", "key", "requestCC", "storageKey", "entry",
-        "code", "gone", "collapsed", "plain", "_headerMap",
+        "code", "gone", "collapsed", "plain", "relay", "_headerMap",
     )
 
     def __init__(self, request: Any, access: AccessRequest, started: float) -> None:
@@ -329,6 +349,7 @@ class _Exchange:
         self.gone = False
         self.collapsed = False
         self.plain = False
+        self.relay: Optional[_Relay] = None
         self._headerMap: Optional[dict[str, list[bytes]]] = None
 
     def headerMap(self) -> dict[str, list[bytes]]:
@@ -445,8 +466,9 @@ class _Relay(Protocol):
         self.finished = True
         writer = self.writer
         self.writer = None
-        complete = reason.check(ResponseDone) is not None
+        complete = isinstance(reason.value, ResponseDone)
         for client in self.clients:
+            client.relay = None
             client.request.unregisterProducer()
         if complete:
             self.onDone(None, self.size)
@@ -459,7 +481,7 @@ class _Relay(Protocol):
             return
         if writer is not None:
             writer.abort()
-        if reason.check(PotentialDataLoss):
+        if isinstance(reason.value, PotentialDataLoss):
             # A body delimited by closing the connection: complete as far
             # as anyone can tell, but not trusted enough to store.
             self.onDone(None, self.size)
@@ -1116,7 +1138,7 @@ class CachingProxyResource(Resource):
             if inflight is not None and inflight.joinable:
                 exchange.collapsed = True
                 inflight.followers.append(exchange)
-                exchange.request.notifyFinish().addErrback(lambda _: _markGone(exchange))
+                exchange.request.notifyFinish().addErrback(_clientLost, exchange)
                 return
         fetch = _Fetch(self, exchange, revalidating, conditional)
         if collapsible and exchange.key not in self._inflight:
@@ -1135,7 +1157,7 @@ class CachingProxyResource(Resource):
                 if name != b"if-range":
                     headers.removeHeader(name)
             _addValidators(headers, revalidating.meta)
-        request.notifyFinish().addErrback(lambda _: _markGone(exchange))
+        request.notifyFinish().addErrback(_clientLost, exchange)
         self._startFetch(fetch, headers)
 
     def _startFetch(self, fetch: _Fetch, headers: Headers) -> None:
@@ -1143,15 +1165,31 @@ class CachingProxyResource(Resource):
         access = exchange.access
         headers.addRawHeader(b"via", self.via)
         policy = self.access.directPolicy(access)
-        if policy == "always" or self._looped(exchange):
-            d: Deferred[Any] = maybeDeferred(lambda: [_DIRECT])
-        else:
-            neighbours = [
-                n for n in self.mesh.neighbours if self.access.allowNeighbour(n.name, access)
-            ]
-            d = maybeDeferred(self.selector.selectRoutes, access, neighbours, self.mesh.icp)
-            if policy == "never":
-                d.addCallback(lambda routes: [r for r in routes if r.neighbour is not None])
+        try:
+            if policy == "always" or self._looped(exchange):
+                routes: Any = [_DIRECT]
+            else:
+                neighbours = [
+                    n for n in self.mesh.neighbours if self.access.allowNeighbour(n.name, access)
+                ]
+                routes = self.selector.selectRoutes(access, neighbours, self.mesh.icp)
+        except BaseException:
+            routes = Failure()
+        never = policy == "never"
+        if not isinstance(routes, (Deferred, Failure)) and not iscoroutine(routes):
+            # The selector decided at once (no neighbour to ask): go on
+            # without a Deferred, with the same outcome as below.
+            try:
+                if never:
+                    routes = [r for r in routes if r.neighbour is not None]
+                fetch.routes = list(routes)
+                self._tryRoutes(fetch, headers)
+            except BaseException:
+                self._fetchCrashed(Failure(), fetch)
+            return
+        d: Deferred[Any] = maybeDeferred(lambda: routes)
+        if never:
+            d.addCallback(lambda routes: [r for r in routes if r.neighbour is not None])
 
         def routed(routes: Any) -> None:
             fetch.routes = list(routes)
@@ -1495,7 +1533,9 @@ class CachingProxyResource(Resource):
 
         relay = _Relay(self, clients, writer, done)
         for client in clients:
-            client.request.notifyFinish().addErrback(lambda _, c=client: relay.clientLost(c))
+            # Every client registered _clientLost when it started or joined
+            # the fetch: it now tells the relay too.
+            client.relay = relay
         response.deliverBody(relay)
 
     def _refreshed(
@@ -1995,6 +2035,13 @@ class _RequestHeaders(Mapping[str, str]):
 
 _urlCache: dict[str, Optional[tuple[str, str, int, str]]] = {}
 
+#: An absolute C{http} URL in its common form, which L{_urlParts} reads
+#: without C{urlsplit}: a lower-case host name or IPv4 address, a port of
+#: digits, and a path (with query) of printable ASCII without space or
+#: C{#}.  (A URL ending in a lone C{?} is left to C{urlsplit}, which drops
+#: the empty query.)
+_PLAIN_URL = re.compile(r"http://([a-z0-9][a-z0-9.-]*)(?::([0-9]{1,5}))?(/[!\x22\x24-\x7e]*)")
+
 
 def _urlParts(url: str) -> Optional[tuple[str, str, int, str]]:
     """
@@ -2005,12 +2052,20 @@ def _urlParts(url: str) -> Optional[tuple[str, str, int, str]]:
     parts = _urlCache.get(url, False)
     if parts is not False:
         return parts  # type: ignore[return-value]
-    try:
-        request = AccessRequest.fromURL("", "", url)
-    except ValueError:
-        parts = None
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain is not None and not url.endswith("?") and (
+        plain.group(2) is None or int(plain.group(2)) <= 65535
+    ):
+        # The common form, read without urlsplit: what fromURL gives.
+        port = plain.group(2)
+        parts = ("http", plain.group(1), 80 if port is None else int(port), plain.group(3))
     else:
-        parts = (request.scheme, request.host, request.port, request.path)
+        try:
+            request = AccessRequest.fromURL("", "", url)
+        except ValueError:
+            parts = None
+        else:
+            parts = (request.scheme, request.host, request.port, request.path)
     if len(_urlCache) >= 65536:
         _urlCache.clear()
     _urlCache[url] = parts
@@ -2118,8 +2173,17 @@ def _uploadLeftLog(request: Any, stream: RequestBodyStream) -> bool:
     return stream.clientGone
 
 
-def _markGone(exchange: _Exchange) -> None:
+def _clientLost(_: Any, exchange: _Exchange) -> None:
+    """
+    The client of C{exchange} went away before its response was finished
+    (an errback of its request's C{notifyFinish}): mark it gone, and drop
+    it from the relay sending it a response, if any.
+    """
     exchange.gone = True
+    relay = exchange.relay
+    if relay is not None:
+        exchange.relay = None
+        relay.clientLost(exchange)
 
 
 def _abort(request: Any) -> None:
