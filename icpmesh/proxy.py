@@ -473,9 +473,10 @@ class _Relay(Protocol):
         if complete:
             self.onDone(None, self.size)
             if writer is not None:
-                writer.finish().addErrback(
-                    lambda f: log.warn("not stored: {error}", error=f.getErrorMessage())
-                )
+                stored = writer.finish()
+                if not _hasValue(stored):
+                    # (A memory store has stored it already.)
+                    stored.addErrback(_notStored)
             for client in self.clients:
                 client.request.finish()
             return
@@ -491,6 +492,10 @@ class _Relay(Protocol):
         self.onDone(reason, self.size)
         for client in self.clients:
             _abort(client.request)
+
+
+def _notStored(f: Failure) -> None:
+    log.warn("not stored: {error}", error=f.getErrorMessage())
 
 
 class _Discard(Protocol):
@@ -1507,8 +1512,7 @@ class CachingProxyResource(Resource):
             request.setResponseCode(code, response.phrase)
             out = request.responseHeaders
             out.removeHeader(b"server")
-            for name, values in headerPairs:
-                out.setRawHeaders(name, values)
+            _setHeaders(out, headerPairs)
             out.addRawHeader(b"via", self.via)
             out.setRawHeaders(b"x-cache", [self.xCacheMiss])
             if length is not None and method != "HEAD" and code not in _NO_BODY and code >= 200:
@@ -1868,6 +1872,33 @@ def _canonicalName(name: bytes) -> bytes:
     probe.setRawHeaders(name, [b""])
     raw = getattr(probe, "_rawHeaders", {})
     return next(iter(raw), name)
+
+
+#: Lower-case header name -> the key L{Headers} files it under (bounded).
+_canonicalNames: dict[bytes, bytes] = {}
+
+
+def _setHeaders(out: Headers, pairs: list[tuple[bytes, Sequence[bytes]]]) -> None:
+    """
+    C{out.setRawHeaders(name, values)} for each of C{pairs} (from
+    L{endToEndHeaders} of a L{Headers}, so their values are clean already),
+    straight into this Twisted's header dict.
+    """
+    raw = getattr(out, "_rawHeaders", None)
+    if not isinstance(raw, dict):  # pragma: no cover - other Twisted versions
+        for name, values in pairs:
+            out.setRawHeaders(name, values)
+        return
+    names = _canonicalNames
+    for name, values in pairs:
+        key = names.get(name)
+        if key is None:
+            # (An invalid name raises here, as setRawHeaders would.)
+            key = _canonicalName(name)
+            if len(names) >= 10_000:
+                names.clear()
+            names[name] = key
+        raw[key] = list(values)
 
 
 _AGE_KEY = _canonicalName(b"age")

@@ -112,6 +112,11 @@ class InterimHeaders(Headers):
 _NEVER_IN_HEADERS = frozenset(HTTPClientParser.CONNECTION_CONTROL_HEADERS) - {b"content-length"}
 
 
+#: C{Connection} values (lower case) that name only fields in
+#: L{_NEVER_IN_HEADERS}: nothing to remove, no need to parse them.
+_ONLY_CONTROLS = frozenset({b"keep-alive", b"close"})
+
+
 class _UpstreamParser(HTTPClientParser):
     """
     Twisted's response parser, removing Connection-listed fields and
@@ -122,7 +127,7 @@ class _UpstreamParser(HTTPClientParser):
 
     def allHeadersReceived(self) -> None:
         listed = self.connHeaders.getRawHeaders(b"connection")
-        if listed:
+        if listed and not (len(listed) == 1 and listed[0].lower() in _ONLY_CONTROLS):
             for name in connectionTokens(listed):
                 if name not in _NEVER_IN_HEADERS:
                     self.headers.removeHeader(name)

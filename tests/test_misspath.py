@@ -354,3 +354,95 @@ class CachingShortcutTests(SynchronousTestCase):
         self.assertNotIn(date + b" " * 64, caching._dateCache)
         self.patch(caching, "_parseHTTPDate", lambda value: self.fail("parsed again"))
         self.assertEqual(caching.httpDate(date), 1795496400.0)
+
+
+class StoreCostTests(SynchronousTestCase):
+    """
+    L{icpmesh.storage.metaCost} sums at C speed what the loop summed.
+    """
+
+    @given(
+        st.binary(max_size=10),
+        st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=30)), max_size=12),
+    )
+    def test_metaCost(self, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The reason's length plus each name's and value's length and
+        L{HEADER_OVERHEAD} per header.
+        """
+        from icpmesh.interfaces import StoredResponse
+        from icpmesh.storage import HEADER_OVERHEAD, metaCost
+
+        meta = StoredResponse(200, reason, tuple(headers), 0.0, 0.0, 0.0, 0)
+        expected = len(reason) + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in headers)
+        self.assertEqual(metaCost(meta), expected)
+
+
+class SetHeadersTests(SynchronousTestCase):
+    """
+    L{proxy._setHeaders} files headers as C{setRawHeaders} does.
+    """
+
+    @given(st.lists(st.tuples(
+        st.sampled_from([b"content-type", b"etag", b"x-a", b"www-authenticate", b"te", b"dnt",
+                         b"content-md5", b"X-Mixed", b"date"]),
+        st.lists(st.binary(max_size=8), min_size=1, max_size=3),
+    ), max_size=8))
+    def test_sameAsSetRawHeaders(self, pairs: list[tuple[bytes, list[bytes]]]) -> None:
+        """
+        The same keys, values and order as C{setRawHeaders}, over headers
+        that are there already, and the lists are the target's own.
+        """
+        from twisted.web.http_headers import Headers
+
+        source = Headers()
+        for name, values in pairs:
+            source.setRawHeaders(name, values)
+        clean = proxy.endToEndHeaders(source)
+        expected = Headers({b"Date": [b"d"], b"Server": [b"s"]})
+        for name, values in clean:
+            expected.setRawHeaders(name, values)
+        out = Headers({b"Date": [b"d"], b"Server": [b"s"]})
+        proxy._setHeaders(out, clean)
+        self.assertEqual(list(out.getAllRawHeaders()), list(expected.getAllRawHeaders()))
+        for name, values in out.getAllRawHeaders():
+            self.assertIsNot(values, source.getRawHeaders(name))
+
+    def test_invalidName(self) -> None:
+        """
+        An invalid name raises as C{setRawHeaders} does.
+        """
+        from twisted.web.http_headers import Headers, InvalidHeaderName
+
+        self.assertRaises(InvalidHeaderName, proxy._setHeaders, Headers(), [(b"bad name", [b"1"])])
+        self.assertRaises(InvalidHeaderName, Headers().setRawHeaders, b"bad name", [b"1"])
+
+
+class OnlyControlsTests(SynchronousTestCase):
+    """
+    A response's C{Connection: keep-alive} or C{close} needs no parsing.
+    """
+
+    def test_notParsed(self) -> None:
+        """
+        C{keep-alive} and C{close} (any case) are not split into tokens;
+        other values still are, and their fields are removed.
+        """
+        from icpmesh import upstreamclient
+
+        from .test_upstreamclient import ConnectionHeaderTests, result
+
+        calls: list[Any] = []
+        original = upstreamclient.connectionTokens
+        self.patch(upstreamclient, "connectionTokens", lambda values: calls.append(values) or original(values))
+        case = ConnectionHeaderTests("test_listedHeadersRemoved")
+        for value in (b"keep-alive", b"Keep-Alive", b"close"):
+            d, connection = case.request()
+            connection.receive(b"HTTP/1.1 200 OK\r\nConnection: " + value
+                               + b"\r\nx: 1\r\nContent-Length: 0\r\n\r\n")
+            self.assertEqual(result(d, self).headers.getRawHeaders(b"x"), [b"1"])
+        self.assertEqual(calls, [])
+        d, connection = case.request()
+        connection.receive(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x\r\nx: 1\r\nContent-Length: 0\r\n\r\n")
+        self.assertIsNone(result(d, self).headers.getRawHeaders(b"x"))
+        self.assertEqual(len(calls), 1)

@@ -21,6 +21,7 @@ modules during every plugin scan.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Optional
 
 from icpmesh.interfaces import StoredResponse
@@ -44,10 +45,10 @@ def metaCost(meta: StoredResponse) -> int:
     @param meta: the stored metadata.
     @return: a byte count.
     """
-    cost = len(meta.reason)
-    for name, value in meta.headers:
-        cost += len(name) + len(value) + HEADER_OVERHEAD
-    return cost
+    headers = meta.headers
+    # The names' and values' lengths summed at C speed: the length of all
+    # of them joined.
+    return len(meta.reason) + HEADER_OVERHEAD * len(headers) + len(b"".join(chain.from_iterable(headers)))
 
 
 def entryCost(key: str, meta: StoredResponse, bodySize: int) -> int:
