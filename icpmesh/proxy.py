@@ -1152,9 +1152,9 @@ class CachingProxyResource(Resource):
         headers = InterimHeaders(
             interimReceived=lambda code, phrase, interim: self._interim(fetch, code, phrase, interim)
         )
-        for name, values in endToEndHeaders(request.requestHeaders):
-            if name not in _FRAMING:
-                headers.setRawHeaders(name, values)
+        _setHeaders(headers, [
+            pair for pair in endToEndHeaders(request.requestHeaders) if pair[0] not in _FRAMING
+        ])
         if conditional:
             # The client's If-Range stays: with its Range it decides
             # between a 206 and a 200 when the origin's answer is not 304.
@@ -1605,12 +1605,16 @@ class CachingProxyResource(Resource):
         requestTime: float,
         responseTime: float,
         size: Optional[int],
+        directives: Optional[tuple[dict[str, Optional[str]], Optional[int], bool]] = None,
     ) -> Optional[StoredResponse]:
         """
         The L{StoredResponse} for a response with these headers, with its
         C{Age} header replaced by the corrected initial age and
         C{freshUntil} computed (RFC 9111 sections 4.2.1 and 4.2.3).
 
+        @param directives: what L{responseDirectives} gives for the
+            C{Cache-Control}, C{CDN-Cache-Control} and C{Surrogate-Control}
+            values among C{headers}, when the caller has it already.
         @return: C{None} when the response is stale at once and has no
             validator, so storing it would be useless.
         """
@@ -1639,7 +1643,9 @@ class CachingProxyResource(Resource):
                     ageHeader = value
             elif name == b"etag":
                 hasValidator = True
-        cc, cap, ignoreExpires = responseDirectives(ccValues, cdnValues, surrogateValues, self.cdnCacheControl)
+        if directives is None:
+            directives = responseDirectives(ccValues, cdnValues, surrogateValues, self.cdnCacheControl)
+        cc, cap, ignoreExpires = directives
         dateTime = httpDate(date)
         lifetime = freshnessLifetime(
             status, cc, dateTime, None if ignoreExpires else expires, httpDate(lastModified), responseTime
@@ -1652,9 +1658,9 @@ class CachingProxyResource(Resource):
             freshUntil = min(freshUntil, responseTime)
         if freshUntil <= responseTime and not hasValidator:
             return None
-        kept = tuple(
-            (name, value) for name, value in headers if name not in (b"age", b"content-length")
-        ) + ((b"age", str(int(age)).encode()),)
+        kept = tuple([
+            (name, value) for name, value in headers if name != b"age" and name != b"content-length"
+        ] + [(b"age", str(int(age)).encode())])
         return StoredResponse(
             status=status,
             reason=reason,
@@ -1683,12 +1689,13 @@ class CachingProxyResource(Resource):
         names = varyNames(h.getRawHeaders(b"vary"))
         if names is None:
             return key, None
-        responseCC, _, ignoreExpires = responseDirectives(
+        directives = responseDirectives(
             h.getRawHeaders(b"cache-control"),
             h.getRawHeaders(b"cdn-cache-control"),
             h.getRawHeaders(b"surrogate-control"),
             self.cdnCacheControl,
         )
+        responseCC, _, ignoreExpires = directives
         if not mayStore(
             exchange.access.method,
             response.code,
@@ -1704,10 +1711,13 @@ class CachingProxyResource(Resource):
         meta = self._meta(
             response.code,
             response.phrase,
-            tuple((name, value) for name, values in headerPairs for value in values),
+            tuple([(name, value) for name, values in headerPairs for value in values]),
             requestTime,
             responseTime,
             length,
+            # The same directives, unless the response's own Connection
+            # header took some of their fields out of headerPairs.
+            None if h.hasHeader(b"connection") else directives,
         )
         if meta is None:
             return key, None

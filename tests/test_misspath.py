@@ -446,3 +446,49 @@ class OnlyControlsTests(SynchronousTestCase):
         connection.receive(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x\r\nx: 1\r\nContent-Length: 0\r\n\r\n")
         self.assertIsNone(result(d, self).headers.getRawHeaders(b"x"))
         self.assertEqual(len(calls), 1)
+
+
+class DirectivesOnceTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    A stored response's directives are read once, for deciding to store it
+    and for its freshness, unless its own C{Connection} header took some of
+    them out of what is stored.
+    """
+
+    def test_parsedOnce(self) -> None:
+        """
+        One miss that is stored reads its directives once.
+        """
+        calls: list[Any] = []
+        original = proxy.responseDirectives
+
+        def counted(*args: Any) -> Any:
+            calls.append(args)
+            return original(*args)
+
+        self.patch(proxy, "responseDirectives", counted)
+        self.origin.setResponse("/a", b"x", headers={"Cache-Control": "max-age=60"})
+        self.get()
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.get().header("x-cache"), "HIT from proxy.test")
+
+    def test_connectionListedDirectives(self) -> None:
+        """
+        A C{Cache-Control} the response's C{Connection} names is for one hop:
+        the stored response's freshness comes from what is stored (here: the
+        heuristic from C{Last-Modified}, 10% of 1000 s), not from it.
+        """
+        from .test_proxy import NOW, ScriptedResponse, ScriptedUpstream, httpDate
+
+        headers = {
+            b"connection": [b"cache-control"],
+            b"cache-control": [b"max-age=5000"],
+            b"last-modified": [httpDate(NOW - 1000).encode()],
+            b"date": [httpDate(NOW).encode()],
+        }
+        response = ScriptedResponse(200, headers, 1)
+        self.build(upstream=ScriptedUpstream(succeed(response)))
+        self.request()
+        response.deliver(b"x")
+        response.finish()
+        self.assertEqual(self.store.freshUntil(URL), NOW + 100)
