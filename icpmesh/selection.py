@@ -192,6 +192,9 @@ class ICPSelector:
         self, request: AccessRequest, neighbours: Sequence[Any], icpClient: Any
     ) -> Any:
         policy = self.policy
+        if not neighbours:
+            # Nobody to ask (a node without neighbours): the origin, if allowed.
+            return [DIRECT] if policy.directAllowed(request) else []
         host = request.host
         candidates = [n for n in neighbours if n.allowsHost(host)]
         direct = policy.directAllowed(request)

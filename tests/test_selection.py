@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from icpmesh import icp
 from icpmesh.config import parseConfig
-from icpmesh.interfaces import AccessRequest
+from icpmesh.interfaces import DIRECT, AccessRequest
 from icpmesh.neighbours import Neighbour
 from icpmesh.querier import QueryRound, Reply
 from icpmesh.selection import ICPSelector, SelectorPolicy, icpSelectorPlugin
@@ -70,6 +70,20 @@ class ICPSelectorTests(SynchronousTestCase):
         """
         self.assertEqual(self.select(ICPSelector(), request(), [], ScriptedICP({})),
                          [(None, "HIER_DIRECT")])
+
+    def test_noNeighboursAtOnce(self) -> None:
+        """
+        With no neighbours the routes are a list, given at once (no
+        Deferred for the proxy to wait on), whatever the method or URL;
+        none when the origin is outside the firewall.
+        """
+        for req in (request(), request(method="POST"), request(URL + "?q=1")):
+            self.assertEqual(ICPSelector().selectRoutes(req, [], ScriptedICP({})), [DIRECT])
+        firewalled = ICPSelector(SelectorPolicy(insideFirewall=[".corp.example"]))
+        self.assertEqual(firewalled.selectRoutes(request(), [], ScriptedICP({})), [])
+        self.assertEqual(
+            firewalled.selectRoutes(request("http://a.corp.example/"), (), ScriptedICP({})), [DIRECT]
+        )
 
     def test_siblingHit(self) -> None:
         """
