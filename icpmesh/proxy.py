@@ -1116,6 +1116,10 @@ class CachingProxyResource(Resource):
         forwarded as it is).
         """
         request = exchange.request
+        if request is not None and exchange.plain and exchange.access.method == "GET":
+            # None of the headers looked at below (see NOT_PLAIN_HEADERS),
+            # so no directives either.
+            return True
         return (
             request is not None
             and exchange.access.method == "GET"
@@ -1701,7 +1705,9 @@ class CachingProxyResource(Resource):
             response.code,
             exchange.requestCC,
             responseCC,
-            exchange.request is not None and exchange.request.requestHeaders.hasHeader(b"authorization"),
+            exchange.request is not None
+            and not exchange.plain
+            and exchange.request.requestHeaders.hasHeader(b"authorization"),
             h.hasHeader(b"expires") and not ignoreExpires,
         ):
             return key, None

@@ -492,3 +492,57 @@ class DirectivesOnceTests(ProxyTestMixin, SynchronousTestCase):
         response.deliver(b"x")
         response.finish()
         self.assertEqual(self.store.freshUntil(URL), NOW + 100)
+
+
+class PlainCollapsibleTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    A plain GET is collapsible and sends no credentials without looking
+    its headers up again; the answer is the one the full checks give.
+    """
+
+    @given(st.lists(st.sampled_from([
+        ("Authorization", "Basic eA=="), ("Range", "bytes=0-1"), ("If-None-Match", '"a"'),
+        ("If-Modified-Since", "Tue, 24 Nov 2026 05:00:00 GMT"), ("Cache-Control", "no-store"),
+        ("Cache-Control", "max-age=0"), ("Pragma", "no-cache"), ("Accept", "*/*"), ("Via", "1.1 x"),
+    ]), max_size=3), st.sampled_from(["GET", "HEAD"]), st.booleans())
+    def test_sameAsFullChecks(self, headers: list[tuple[str, str]], method: str, stored: bool) -> None:
+        """
+        L{CachingProxyResource._collapsible} says the same for a request
+        marked plain as for the same request checked in full.
+        """
+        from twisted.web.http_headers import Headers
+
+        from icpmesh.caching import parseCacheControl
+
+        class FakeRequest:
+            requestHeaders = Headers()
+
+        request = FakeRequest()
+        request.requestHeaders = Headers()
+        for name, value in headers:
+            request.requestHeaders.addRawHeader(name, value)
+        exchange = proxy._Exchange(request, AccessRequest.fromURL("127.0.0.1", method, URL), 0.0)
+        exchange.entry = object() if stored else None
+        exchange.plain = proxy._isPlain(request.requestHeaders)
+        if not exchange.plain:
+            exchange.requestCC = parseCacheControl(request.requestHeaders.getRawHeaders(b"cache-control"))
+        fast = self.proxy._collapsible(exchange)
+        exchange.plain = False
+        self.assertEqual(fast, self.proxy._collapsible(exchange))
+
+    def test_plainSkipsLookups(self) -> None:
+        """
+        For a plain GET the request headers are not looked up again.
+        """
+        from twisted.web.http_headers import Headers
+
+        class Refusing(Headers):
+            def hasHeader(self, name: Any) -> bool:
+                raise AssertionError("looked up")
+
+        class FakeRequest:
+            requestHeaders = Refusing()
+
+        exchange = proxy._Exchange(FakeRequest(), AccessRequest.fromURL("127.0.0.1", "GET", URL), 0.0)
+        exchange.plain = True
+        self.assertTrue(self.proxy._collapsible(exchange))
