@@ -221,8 +221,8 @@ class _OriginEndpoints:
             # Agent asks for an endpoint on every request, even one that
             # reuses a pooled connection: an address literal's endpoint
             # (which holds no state of its own) is made once.
-            cacheKey = (uri.host, uri.port)
-            endpoint = self._literals.get(cacheKey)
+            literal = (uri.host, uri.port)
+            endpoint = self._literals.get(literal)
             if endpoint is not None:
                 return endpoint
             host = uri.host.decode("ascii", "replace")
@@ -237,7 +237,7 @@ class _OriginEndpoints:
             if endpoint is not None:
                 if len(self._literals) >= _LITERAL_ENDPOINTS_MAX:
                     self._literals.clear()
-                self._literals[cacheKey] = endpoint
+                self._literals[literal] = endpoint
                 return endpoint
         return self._standard.endpointForURI(uri)
 
@@ -1911,9 +1911,11 @@ def _setHeaders(out: Headers, pairs: list[tuple[bytes, Sequence[bytes]]]) -> Non
         if key is None:
             # (An invalid name raises here, as setRawHeaders would.)
             key = _canonicalName(name)
-            if len(names) >= 10_000:
-                names.clear()
-            names[name] = key
+            if len(name) <= 64:
+                # (Longer names are rare and not worth the memory.)
+                if len(names) >= 10_000:
+                    names.clear()
+                names[name] = key
         raw[key] = list(values)
 
 

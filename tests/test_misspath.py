@@ -408,6 +408,19 @@ class SetHeadersTests(SynchronousTestCase):
         for name, values in out.getAllRawHeaders():
             self.assertIsNot(values, source.getRawHeaders(name))
 
+    def test_longNamesNotKept(self) -> None:
+        """
+        Names longer than 64 bytes are filed correctly but not remembered.
+        """
+        from twisted.web.http_headers import Headers
+
+        out = Headers()
+        long = b"x-" + b"a" * 70
+        proxy._setHeaders(out, [(long, [b"1"]), (b"x-short", [b"2"])])
+        self.assertEqual(out.getRawHeaders(long), [b"1"])
+        self.assertNotIn(long, proxy._canonicalNames)
+        self.assertIn(b"x-short", proxy._canonicalNames)
+
     def test_invalidName(self) -> None:
         """
         An invalid name raises as C{setRawHeaders} does.
