@@ -1174,17 +1174,20 @@ class CachingProxyResource(Resource):
         access = exchange.access
         headers.addRawHeader(b"via", self.via)
         policy = self.access.directPolicy(access)
-        try:
-            if policy == "always" or self._looped(exchange):
-                routes: Any = [_DIRECT]
-            else:
-                neighbours = [
-                    n for n in self.mesh.neighbours if self.access.allowNeighbour(n.name, access)
-                ]
+        # never_direct applies to the selector's routes, not to a loop
+        # broken by going direct.
+        never = False
+        if policy == "always" or self._looped(exchange):
+            routes: Any = [_DIRECT]
+        else:
+            never = policy == "never"
+            neighbours = [
+                n for n in self.mesh.neighbours if self.access.allowNeighbour(n.name, access)
+            ]
+            try:
                 routes = self.selector.selectRoutes(access, neighbours, self.mesh.icp)
-        except BaseException:
-            routes = Failure()
-        never = policy == "never"
+            except BaseException:
+                routes = Failure()
         if not isinstance(routes, (Deferred, Failure)) and not iscoroutine(routes):
             # The selector decided at once (no neighbour to ask): go on
             # without a Deferred, with the same outcome as below.

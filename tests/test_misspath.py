@@ -210,6 +210,17 @@ class SynchronousRoutesTests(ProxyTestMixin, SynchronousTestCase):
         status = self.assertSame([Route(neighbour, "PARENT_HIT"), DIRECT], direct="never")[0]
         self.assertEqual(status, 200)
 
+    def test_loopUnderNeverDirect(self) -> None:
+        """
+        A forwarding loop goes direct even under C{never_direct}: the
+        policy filters the selector's routes only.
+        """
+        self.access.direct = "never"
+        self.origin.setResponse("/a", b"x")
+        response = self.get(headers=[("Via", "1.1 proxy.test (icpmesh/0.1.0)")])
+        self.assertEqual((response.status, response.body), (200, b"x"))
+        self.assertEqual(self.selector.calls, [])
+
     def test_selectorRaises(self) -> None:
         """
         A selector that raises gets the client a 500 and is logged, as one
