@@ -114,7 +114,8 @@ _NEVER_IN_HEADERS = frozenset(HTTPClientParser.CONNECTION_CONTROL_HEADERS) - {b"
 
 #: C{Connection} values (lower case) that name only fields in
 #: L{_NEVER_IN_HEADERS}: nothing to remove, no need to parse them.
-_ONLY_CONTROLS = frozenset({b"keep-alive", b"close"})
+#: (Not C{close}: a C{Close} field is not one of them, and must go.)
+_ONLY_CONTROLS = frozenset({b"keep-alive"})
 
 
 class _UpstreamParser(HTTPClientParser):

@@ -449,8 +449,9 @@ class OnlyControlsTests(SynchronousTestCase):
 
     def test_notParsed(self) -> None:
         """
-        C{keep-alive} and C{close} (any case) are not split into tokens;
-        other values still are, and their fields are removed.
+        C{keep-alive} (any case) is not split into tokens; other values,
+        C{close} included, still are, and their fields are removed (a
+        C{Close} field named by C{Connection: close} too).
         """
         from icpmesh import upstreamclient
 
@@ -460,12 +461,19 @@ class OnlyControlsTests(SynchronousTestCase):
         original = upstreamclient.connectionTokens
         self.patch(upstreamclient, "connectionTokens", lambda values: calls.append(values) or original(values))
         case = ConnectionHeaderTests("test_listedHeadersRemoved")
-        for value in (b"keep-alive", b"Keep-Alive", b"close"):
+        for value in (b"keep-alive", b"Keep-Alive"):
             d, connection = case.request()
             connection.receive(b"HTTP/1.1 200 OK\r\nConnection: " + value
                                + b"\r\nx: 1\r\nContent-Length: 0\r\n\r\n")
             self.assertEqual(result(d, self).headers.getRawHeaders(b"x"), [b"1"])
         self.assertEqual(calls, [])
+        d, connection = case.request()
+        connection.receive(b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: secret\r\nx: 1\r\n"
+                           b"Content-Length: 0\r\n\r\n")
+        response = result(d, self)
+        self.assertEqual((response.headers.getRawHeaders(b"close"), response.headers.getRawHeaders(b"x")),
+                         (None, [b"1"]))
+        calls.clear()
         d, connection = case.request()
         connection.receive(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x\r\nx: 1\r\nContent-Length: 0\r\n\r\n")
         self.assertIsNone(result(d, self).headers.getRawHeaders(b"x"))
