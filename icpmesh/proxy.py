@@ -440,6 +440,8 @@ class _Relay(Protocol):
 
     def clientLost(self, client: _Exchange) -> None:
         client.gone = True
+        if getattr(client, "relay", None) is self:
+            client.relay = None  # no exchange -> relay -> clients -> exchange cycle
         if client in self.clients:
             self.clients.remove(client)
         self.resumeFor(client)
@@ -1197,7 +1199,12 @@ class CachingProxyResource(Resource):
                 fetch.routes = list(routes)
                 self._tryRoutes(fetch, headers)
             except BaseException:
-                self._fetchCrashed(Failure(), fetch)
+                try:
+                    self._fetchCrashed(Failure(), fetch)
+                except BaseException:
+                    # As an errback's failure would be: logged, not raised
+                    # into render() or a store callback.
+                    log.failure("handling a failed fetch failed")
             return
         d: Deferred[Any] = maybeDeferred(lambda: routes)
         if never:

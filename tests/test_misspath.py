@@ -303,6 +303,40 @@ class RelayClientTests(ProxyTestMixin, SynchronousTestCase):
         self.assertFalse(relays[0].clients[0].collapsed)
 
 
+class RelayCycleTests(SynchronousTestCase):
+    """
+    L{proxy._Relay.clientLost} itself forgets the client's relay.
+    """
+
+    def test_clientLostForgetsRelay(self) -> None:
+        """
+        A client dropped only through the relay (its producer stopped, no
+        C{notifyFinish} errback yet) no longer refers to the relay.
+        """
+        exchange = proxy._Exchange(None, AccessRequest.fromURL("127.0.0.1", "GET", URL), 0.0)
+        relay = proxy._Relay(None, [exchange], None, lambda reason, size: None)
+        exchange.relay = relay
+        relay.clientLost(exchange)
+        self.assertEqual((exchange.gone, exchange.relay, relay.clients), (True, None, []))
+
+
+class FetchCrashedTests(ProxyTestMixin, SynchronousTestCase):
+    """
+    With routes given at once, even a failure while handling a failed
+    fetch is logged, not raised into C{render}.
+    """
+
+    def test_crashInCrashHandlerLogged(self) -> None:
+        def boom(*args: Any) -> None:
+            raise RuntimeError("boom")
+
+        self.patch(self.proxy, "_tryRoutes", boom)
+        self.patch(self.proxy, "_fetchCrashed", boom)
+        client = self.request()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn(b"500", client.transport.value())
+
+
 def _loopSplit(text: str) -> list[str]:
     """
     L{caching._splitList} as it reads a quoted list, for every text.
