@@ -327,6 +327,11 @@ class FetchCrashedTests(ProxyTestMixin, SynchronousTestCase):
     """
 
     def test_crashInCrashHandlerLogged(self) -> None:
+        """
+        C{_tryRoutes} and then C{_fetchCrashed} raise: one error is logged,
+        and twisted.web does not turn it into a 500 on the request.
+        """
+
         def boom(*args: Any) -> None:
             raise RuntimeError("boom")
 
