@@ -40,7 +40,9 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from http_bench import bareLeaf, originBody, quietSite  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
@@ -49,19 +51,14 @@ SIZES = {"hit1k": 1024, "hit64k": 64 * 1024}
 URLS = 100
 
 
-class CountingTransport(StringTransport):
+class BufferingTransport(StringTransport):
     """
-    A transport that buffers writes as a TCP transport does (a list, joined
-    by L{flush} as C{doWrite} joins it before C{send}), counts the bytes,
-    and keeps them only while C{keep} is set, so that the cost of storing
-    output does not grow with it.
+    A transport that buffers writes in a list, as a TCP transport does
+    (C{doWrite} joins the list before C{send}).
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.count = 0
-        self.keep = True
-        self.kept: list[bytes] = []
         self.buffer: list[bytes] = []
 
     def write(self, data: bytes) -> None:
@@ -76,6 +73,20 @@ class CountingTransport(StringTransport):
                 raise TypeError("data must be bytes")
         self.buffer.extend(seq)
 
+
+class CountingTransport(BufferingTransport):
+    """
+    A L{BufferingTransport} that counts the bytes L{flush} sends, and keeps
+    them only while C{keep} is set, so that the cost of storing output does
+    not grow with it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.count = 0
+        self.keep = True
+        self.kept: list[bytes] = []
+
     def flush(self) -> None:
         """
         What C{doWrite} does with the buffer: one C{bytes} to send.
@@ -85,10 +96,6 @@ class CountingTransport(StringTransport):
         self.count += len(data)
         if self.keep:
             self.kept.append(data)
-
-
-def body(size: int) -> bytes:
-    return (b"icpmesh http_bench origin body. " * (size // 32 + 1))[:size]
 
 
 def idleReactor() -> Any:
@@ -126,7 +133,7 @@ def nodeSite(size: int) -> Any:
     finally:
         os.unlink(f.name)
     origin = FakeOrigin(reactor=clock)
-    content = body(size)
+    content = originBody(size)
     for i in range(URLS):
         origin.setResponse(
             f"/obj/{size}/{i}",
@@ -156,14 +163,7 @@ def bareSite(size: int) -> Any:
     """
     C{http_bench.py}'s bare leaf resource over the same objects.
     """
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
-
-    class QuietSite(Site):
-        def log(self, request: Any) -> None:
-            pass
-
-    content = body(size)
+    content = originBody(size)
     table = {
         f"http://{ORIGIN}/obj/{size}/{i}".encode(): (
             [(b"Content-Type", [b"text/plain"]), (b"Cache-Control", [b"max-age=36000"])],
@@ -171,21 +171,7 @@ def bareSite(size: int) -> Any:
         )
         for i in range(URLS)
     }
-
-    class Leaf(Resource):
-        isLeaf = True
-
-        def render_GET(self, request: Any) -> bytes:
-            entry = table.get(request.uri)
-            if entry is None:
-                request.setResponseCode(404)
-                return b""
-            headers, data = entry
-            for name, values in headers:
-                request.responseHeaders.setRawHeaders(name, values)
-            return data
-
-    return QuietSite(Leaf(), reactor=idleReactor())
+    return quietSite(bareLeaf(table), reactor=idleReactor())
 
 
 def request(size: int, i: int) -> bytes:
@@ -219,7 +205,7 @@ def run(site: Any, size: int, n: int, hitCheck: bool) -> float:
         not head.startswith(b"HTTP/1.1 200 ")
         or (hitCheck and b"HIT from" not in head)
         or f"\r\nContent-Length: {size}\r\n".encode().lower() not in head.lower() + b"\r\n"
-        or content != body(size)
+        or content != originBody(size)
     ):
         raise SystemExit(f"unexpected response: {head!r}")
     expected = transport.count

@@ -200,7 +200,7 @@ class Origin:
         os.makedirs(www)
         for name, size in (("body-1k", 1024), ("body-64k", 65536)):
             with open(os.path.join(www, name), "wb") as f:
-                f.write((b"icpmesh http_bench origin body. " * (size // 32 + 1))[:size])
+                f.write(originBody(size))
         self.port = freePort(socket.SOCK_STREAM, ORIGIN_ADDRESS)
         self.host = f"{ORIGIN_ADDRESS}:{self.port}"
         w = self.workdir
@@ -432,101 +432,126 @@ def startBare(stack: contextlib.ExitStack, args: argparse.Namespace, kind: str, 
     return server
 
 
-def serveBare(kind: str, address: str, port: int, tableFile: str) -> None:
+def originBody(size: int) -> bytes:
     """
-    The bare building blocks, for reference; each runs until SIGTERM (or
-    an hour).
-
-    C{leaf}: a C{twisted.web} leaf resource that answers a GET from a dict
-    mapping the request target to (headers, body), as read from
-    C{tableFile} (JSON: URL to [size, cache-control]).  404 otherwise.
-
-    C{forward}: a leaf resource that forwards a GET to its absolute URL
-    with a persistent C{Agent} connection pool, copies the status and the
-    end-to-end headers, and streams the body back as it comes.  No cache,
-    no access control, no C{Via}.
-
-    Neither writes a per-request log line.
+    The body of a C{size}-byte object, as this benchmark's origin serves it.
     """
-    from twisted.internet import reactor
-    from twisted.internet.protocol import Protocol
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from twisted.web.http_headers import Headers
-    from twisted.web.iweb import UNKNOWN_LENGTH
-    from twisted.web.resource import Resource
-    from twisted.web.server import NOT_DONE_YET, Site
+    return (b"icpmesh http_bench origin body. " * (size // 32 + 1))[:size]
+
+
+def quietSite(root: Any, reactor: Any = None) -> Any:
+    """
+    A C{twisted.web} C{Site} for C{root} that writes no per-request log line.
+    """
+    from twisted.web.server import Site
 
     class QuietSite(Site):
         def log(self, request: Any) -> None:
             pass
 
+    return QuietSite(root) if reactor is None else QuietSite(root, reactor=reactor)
+
+
+def bareLeaf(table: dict[bytes, tuple[list[tuple[bytes, list[bytes]]], bytes]]) -> Any:
+    """
+    The bare hit block: a C{twisted.web} leaf resource that answers a GET
+    from C{table}, request target to C{(headers, body)}; 404 otherwise.
+    """
+    from twisted.web.resource import Resource
+
+    class Leaf(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            entry = table.get(request.uri)
+            if entry is None:
+                request.setResponseCode(404)
+                return b""
+            headers, body = entry
+            for name, values in headers:
+                request.responseHeaders.setRawHeaders(name, values)
+            return body
+
+    return Leaf()
+
+
+def bareForwarder(agent: Any) -> Any:
+    """
+    The bare miss block: a leaf resource that forwards a GET to its absolute
+    URL with C{agent}, copies the status and the end-to-end headers, and
+    streams the body back as it comes.
+    """
+    from twisted.internet.protocol import Protocol
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import UNKNOWN_LENGTH
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    hop = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
+           b"proxy-connection", b"te", b"trailer", b"upgrade"}
+
+    class Relay(Protocol):
+        def __init__(self, request: Any) -> None:
+            self.request = request
+
+        def dataReceived(self, data: bytes) -> None:
+            self.request.write(data)
+
+        def connectionLost(self, reason: Any) -> None:
+            if not self.request.finished and not self.request._disconnected:
+                self.request.finish()
+
+    class Forward(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> Any:
+            d = agent.request(b"GET", request.uri, Headers({b"Host": [request.getHeader(b"host") or b""]}))
+
+            def got(response: Any) -> None:
+                request.setResponseCode(response.code)
+                for name, values in response.headers.getAllRawHeaders():
+                    if name.lower() not in hop:
+                        request.responseHeaders.setRawHeaders(name, values)
+                if response.length is not UNKNOWN_LENGTH:
+                    request.setHeader(b"content-length", b"%d" % response.length)
+                response.deliverBody(Relay(request))
+
+            def failed(reason: Any) -> None:
+                request.setResponseCode(502)
+                request.finish()
+
+            d.addCallbacks(got, failed)
+            return NOT_DONE_YET
+
+    return Forward()
+
+
+def serveBare(kind: str, address: str, port: int, tableFile: str) -> None:
+    """
+    The bare building blocks, for reference; each runs until SIGTERM (or
+    an hour): C{leaf} is L{bareLeaf} over the objects in C{tableFile}
+    (JSON: URL to [size, cache-control]), C{forward} is L{bareForwarder}
+    with a persistent C{Agent} pool (256 connections per host).  Neither
+    writes a per-request log line.
+    """
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
     if kind == "leaf":
         with open(tableFile) as f:
             spec = json.load(f)
-        table = {
+        root = bareLeaf({
             url.encode(): (
                 [(b"Content-Type", [b"text/plain"]), (b"Cache-Control", [cc.encode()])],
-                (b"icpmesh http_bench origin body. " * (size // 32 + 1))[:size],
+                originBody(size),
             )
             for url, (size, cc) in spec.items()
-        }
-
-        class Leaf(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> bytes:
-                entry = table.get(request.uri)
-                if entry is None:
-                    request.setResponseCode(404)
-                    return b""
-                headers, body = entry
-                for name, values in headers:
-                    request.responseHeaders.setRawHeaders(name, values)
-                return body
-
-        root: Resource = Leaf()
+        })
     else:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 256
-        agent = Agent(reactor, pool=pool)
-        hop = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
-               b"proxy-connection", b"te", b"trailer", b"upgrade"}
-
-        class Relay(Protocol):
-            def __init__(self, request: Any) -> None:
-                self.request = request
-
-            def dataReceived(self, data: bytes) -> None:
-                self.request.write(data)
-
-            def connectionLost(self, reason: Any) -> None:
-                if not self.request.finished and not self.request._disconnected:
-                    self.request.finish()
-
-        class Forward(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> Any:
-                d = agent.request(b"GET", request.uri, Headers({b"Host": [request.getHeader(b"host") or b""]}))
-
-                def got(response: Any) -> None:
-                    request.setResponseCode(response.code)
-                    for name, values in response.headers.getAllRawHeaders():
-                        if name.lower() not in hop:
-                            request.responseHeaders.setRawHeaders(name, values)
-                    if response.length is not UNKNOWN_LENGTH:
-                        request.setHeader(b"content-length", b"%d" % response.length)
-                    response.deliverBody(Relay(request))
-
-                def failed(reason: Any) -> None:
-                    request.setResponseCode(502)
-                    request.finish()
-
-                d.addCallbacks(got, failed)
-                return NOT_DONE_YET
-
-        root = Forward()
-    reactor.listenTCP(port, QuietSite(root), backlog=4096, interface=address)  # type: ignore[attr-defined]
+        root = bareForwarder(Agent(reactor, pool=pool))
+    reactor.listenTCP(port, quietSite(root), backlog=4096, interface=address)  # type: ignore[attr-defined]
     reactor.callLater(3600, reactor.stop)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
 

@@ -348,22 +348,17 @@ def startBare(stack: contextlib.ExitStack, address: str, hitFile: str, python: O
     return server
 
 
-def serveBare(address: str, port: int, hitFile: str) -> None:
+def bareResponder(hits: set[bytes]) -> Any:
     """
-    The reference: the least a Twisted C{DatagramProtocol} can do to answer
-    ICP.  It checks the framing of a version 2 QUERY with a few byte
-    comparisons, answers HIT if its URL is in a set and MISS otherwise, and
-    sends the reply with C{transport.write}.  It has no access control,
-    freshness, counters or logging, and it drops anything else.  Runs
-    until SIGTERM (or an hour).
+    The least a Twisted C{DatagramProtocol} can do to answer ICP: it checks
+    the framing of a version 2 QUERY with a few byte comparisons, answers
+    HIT if its URL is in C{hits} and MISS otherwise, and sends the reply
+    with C{transport.write}.  Anything else is dropped.
     """
     import struct
 
-    from twisted.internet import reactor
     from twisted.internet.protocol import DatagramProtocol
 
-    with open(hitFile) as f:
-        hits = {line.strip().encode("latin-1") for line in f if line.strip()}
     start = struct.Struct("!BBH")
     zeros = bytes(12)
 
@@ -378,7 +373,20 @@ def serveBare(address: str, port: int, hitFile: str) -> None:
                     sender,
                 )
 
-    reactor.listenUDP(port, Bare(), interface=address)  # type: ignore[attr-defined]
+    return Bare()
+
+
+def serveBare(address: str, port: int, hitFile: str) -> None:
+    """
+    The reference, L{bareResponder} for the URLs in C{hitFile}: no access
+    control, freshness, counters or logging.  Runs until SIGTERM (or an
+    hour).
+    """
+    from twisted.internet import reactor
+
+    with open(hitFile) as f:
+        hits = {line.strip().encode("latin-1") for line in f if line.strip()}
+    reactor.listenUDP(port, bareResponder(hits), interface=address)  # type: ignore[attr-defined]
     reactor.callLater(3600, reactor.stop)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
 

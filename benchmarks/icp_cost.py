@@ -127,26 +127,9 @@ def makeBare() -> Any:
     """
     The bare responder of C{icp_bench.serveBare}.
     """
-    import struct
+    from icp_bench import bareResponder
 
-    from twisted.internet.protocol import DatagramProtocol
-
-    hits = {hitURL(i).encode("ascii") for i in range(HIT_URLS)}
-    start = struct.Struct("!BBH")
-    zeros = bytes(12)
-
-    class Bare(DatagramProtocol):
-        def datagramReceived(self, data: bytes, sender: Any) -> None:
-            size = len(data)
-            if size > 24 and data[0] == 1 and data[1] == 2 and (data[2] << 8 | data[3]) == size \
-                    and data.find(b"\0", 24) == size - 1:
-                url = data[24:-1]
-                self.transport.write(
-                    start.pack(2 if url in hits else 3, 2, size - 4) + data[4:8] + zeros + url + b"\0",
-                    sender,
-                )
-
-    return Bare()
+    return bareResponder({hitURL(i).encode("ascii") for i in range(HIT_URLS)})
 
 
 def datagrams(case: str, n: int, offset: int) -> list[bytes]:

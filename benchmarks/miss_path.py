@@ -53,18 +53,20 @@ import time
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.selectreactor import SelectReactor  # noqa: E402
-from twisted.internet.testing import StringTransport  # noqa: E402
+from hit_path import BufferingTransport  # noqa: E402
+from http_bench import bareForwarder, originBody, quietSite  # noqa: E402
 
 ORIGIN = "127.0.0.1:8081"
 SIZE = 1024
 
 
 def body(size: int = SIZE) -> bytes:
-    return (b"icpmesh http_bench origin body. " * (size // 32 + 1))[:size]
+    return originBody(size)
 
 
 #: What the origin sends for every request: nginx's headers, as
@@ -84,7 +86,7 @@ RESPONSE = (
 ) + body()
 
 
-class PipeTransport(StringTransport):
+class PipeTransport(BufferingTransport):
     """
     One end of an in-memory connection: writes are buffered in a list, as a
     TCP transport buffers them, and L{Pipe.pump} joins and delivers them.
@@ -92,21 +94,8 @@ class PipeTransport(StringTransport):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.buffer: list[bytes] = []
         self.peer: Any = None
         self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        if not isinstance(data, bytes):
-            raise TypeError("data must be bytes")
-        if data:
-            self.buffer.append(data)
-
-    def writeSequence(self, seq: Any) -> None:
-        for data in seq:
-            if not isinstance(data, bytes):
-                raise TypeError("data must be bytes")
-        self.buffer.extend(seq)
 
     def abortConnection(self) -> None:
         self.aborted = True
@@ -248,17 +237,8 @@ def bareSite(reactor: BenchReactor) -> Any:
     """
     C{http_bench.py}'s bare forwarder.
     """
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from twisted.web.http_headers import Headers
-    from twisted.web.iweb import UNKNOWN_LENGTH
-    from twisted.web.resource import Resource
-    from twisted.web.server import NOT_DONE_YET, Site
-
-    class QuietSite(Site):
-        def log(self, request: Any) -> None:
-            pass
-
     from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.web.client import Agent, HTTPConnectionPool
 
     class Endpoints:
         # http_bench.py's forwarder uses Agent's own endpoints (a
@@ -270,43 +250,7 @@ def bareSite(reactor: BenchReactor) -> Any:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 256
     agent = Agent.usingEndpointFactory(reactor, Endpoints(), pool=pool)
-    hop = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
-           b"proxy-connection", b"te", b"trailer", b"upgrade"}
-
-    class Relay(Protocol):
-        def __init__(self, request: Any) -> None:
-            self.request = request
-
-        def dataReceived(self, data: bytes) -> None:
-            self.request.write(data)
-
-        def connectionLost(self, reason: Any) -> None:
-            if not self.request.finished and not self.request._disconnected:
-                self.request.finish()
-
-    class Forward(Resource):
-        isLeaf = True
-
-        def render_GET(self, request: Any) -> Any:
-            d = agent.request(b"GET", request.uri, Headers({b"Host": [request.getHeader(b"host") or b""]}))
-
-            def got(response: Any) -> None:
-                request.setResponseCode(response.code)
-                for name, values in response.headers.getAllRawHeaders():
-                    if name.lower() not in hop:
-                        request.responseHeaders.setRawHeaders(name, values)
-                if response.length is not UNKNOWN_LENGTH:
-                    request.setHeader(b"content-length", b"%d" % response.length)
-                response.deliverBody(Relay(request))
-
-            def failed(reason: Any) -> None:
-                request.setResponseCode(502)
-                request.finish()
-
-            d.addCallbacks(got, failed)
-            return NOT_DONE_YET
-
-    return QuietSite(Forward(), reactor=reactor)
+    return quietSite(bareForwarder(agent), reactor=reactor)
 
 
 class Bench:
