@@ -101,26 +101,33 @@ class LimitsTests(SynchronousTestCase):
         channel = svc.site.buildProtocol(None)
         self.assertGreater(channel._channel.totalHeadersSize, 32768)
 
+    def statusFor(self, limit: str, headers: bytes) -> bytes:
+        """
+        The status line a node with C{request_header_max_size limit} sends
+        for an C{only-if-cached} GET carrying the extra header lines
+        C{headers}, through the node's own C{ProxySite}.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        svc = makeMeshService(parseConfig(f"http_port 127.0.0.1:0\nrequest_header_max_size {limit}\n", "t"),
+                              reactor=FakeUDPReactor())
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = svc.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n" + headers
+                             + b"Cache-Control: only-if-cached\r\n\r\n")
+        return transport.value().split(b"\r\n", 1)[0]
+
     def test_headerLimitAboveTwistedDefault(self) -> None:
         """
         With request_header_max_size above twisted.web's 16 KiB, a 20 KB
         header line is served, and a 33 KB one gets the proxy's 431 (not a
         bare 400 from twisted.web, nor a dropped connection).
         """
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import StringTransport
-
-        svc = makeMeshService(parseConfig("http_port 127.0.0.1:0\nrequest_header_max_size 32 KB\n", "t"),
-                              reactor=FakeUDPReactor())
-
         def status(size: int) -> bytes:
-            address = IPv4Address("TCP", "127.0.0.1", 40000)
-            channel = svc.site.buildProtocol(address)
-            transport = StringTransport(peerAddress=address)
-            channel.makeConnection(transport)
-            channel.dataReceived(b"GET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n"
-                                 b"X-Big: " + b"a" * size + b"\r\nCache-Control: only-if-cached\r\n\r\n")
-            return transport.value().split(b"\r\n", 1)[0]
+            return self.statusFor("32 KB", b"X-Big: " + b"a" * size + b"\r\n")
 
         self.assertEqual(status(20000), b"HTTP/1.1 504 Gateway Timeout")
         self.assertEqual(status(33000), b"HTTP/1.1 431 Request Header Fields Too Large")
@@ -131,20 +138,8 @@ class LimitsTests(SynchronousTestCase):
         over the limit, one long line, and one line longer than any line
         the channel reads all get 431.
         """
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import StringTransport
-
-        svc = makeMeshService(parseConfig("http_port 127.0.0.1:0\nrequest_header_max_size 1 KB\n", "t"),
-                              reactor=FakeUDPReactor())
-
         def status(headers: bytes) -> bytes:
-            address = IPv4Address("TCP", "127.0.0.1", 40000)
-            channel = svc.site.buildProtocol(address)
-            transport = StringTransport(peerAddress=address)
-            channel.makeConnection(transport)
-            channel.dataReceived(b"GET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n" + headers
-                                 + b"Cache-Control: only-if-cached\r\n\r\n")
-            return transport.value().split(b"\r\n", 1)[0]
+            return self.statusFor("1 KB", headers)
 
         tooLarge = b"HTTP/1.1 431 Request Header Fields Too Large"
         self.assertEqual(status(b"X-A: 1\r\n" * 20), b"HTTP/1.1 504 Gateway Timeout")
