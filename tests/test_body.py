@@ -501,18 +501,28 @@ class LimitTests(UploadTestMixin, SynchronousTestCase):
         self.assertEqual(response.status, 413)
         self.assertTrue(transport.disconnecting)
 
+    def overLimitAfterConnect(self, routes: Optional[list[Any]] = None) -> tuple[Any, Any, Any]:
+        """
+        A chunked upload, limit 10 bytes, whose upstream connects before 12
+        bytes arrive: C{(fetch, channel, transport)}.
+        """
+        self.build(maxRequestBodySize=10)
+        if routes is not None:
+            self.selector.routes = routes
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(length=None))
+        [fetch] = self.upstream.fetches
+        fetch.connect()
+        channel.dataReceived(chunk(b"y" * 12))
+        return fetch, channel, transport
+
     def test_upstreamAnswersAfter413(self) -> None:
         """
         An upstream that answers after the client was answered 413: the
         answer is dropped, nothing more is written to the client, and only
         the 413 is logged.
         """
-        self.build(maxRequestBodySize=10)
-        channel, transport = self.connect()
-        channel.dataReceived(self.head(length=None))
-        [fetch] = self.upstream.fetches
-        fetch.connect()
-        channel.dataReceived(chunk(b"y" * 12))
+        fetch, channel, transport = self.overLimitAfterConnect()
         written = transport.value()
         self.assertEqual(parseResponse(written).status, 413)
         channel.connectionLost(Failure(ConnectionLost()))
@@ -530,13 +540,7 @@ class LimitTests(UploadTestMixin, SynchronousTestCase):
         The upstream request failing after the 413 (as the aborted body
         makes it) adds no 502 and tries no other route.
         """
-        self.build(maxRequestBodySize=10)
-        self.selector.routes = [DIRECT, DIRECT]
-        channel, transport = self.connect()
-        channel.dataReceived(self.head(length=None))
-        [fetch] = self.upstream.fetches
-        fetch.connect()
-        channel.dataReceived(chunk(b"y" * 12))
+        fetch, channel, transport = self.overLimitAfterConnect(routes=[DIRECT, DIRECT])
         written = transport.value()
         fetch.result.errback(fetch.outcome[0])
         self.assertEqual(transport.value(), written)
