@@ -848,14 +848,14 @@ class CachingProxyResource(Resource):
         meta = entry.meta
         requestCC = exchange.requestCC
         now = self._reactor.seconds()
-        if meta.freshUntil > now and (
-            exchange.plain or (not requestCC and not exchange.header(b"authorization"))
-        ):
+        # (A plain request has neither directives nor credentials.)
+        credentials = None if exchange.plain else exchange.header(b"authorization")
+        if meta.freshUntil > now and not requestCC and not credentials:
             # The hot path: a fresh hit for a request without directives
             # or credentials.
             self._serveHit(exchange, entry, meta, now, "TCP_HIT")
             return
-        if exchange.header(b"authorization"):
+        if credentials:
             storedCC = self._storedCC(meta)
             if not ("public" in storedCC or "s-maxage" in storedCC or "must-revalidate" in storedCC):
                 # RFC 9111 3.5: not for requests with credentials.
