@@ -1247,9 +1247,7 @@ class CachingProxyResource(Resource):
         if stream is not None and _uploadGiveUp(request, stream):
             # While routes were chosen the client left during its upload, or
             # its body broke the size limit.
-            self._release(fetch)
-            if _uploadLeftLog(request, stream):
-                self._clientLeft(exchange, route, stream)
+            self._uploadGivenUp(fetch, route, stream)
             return
         sent = headers
         if route.onlyIfCached:
@@ -1277,9 +1275,7 @@ class CachingProxyResource(Resource):
                 # limit, answered already): nobody takes this response.
                 exchange.gone = True
                 response.deliverBody(_Discard())
-                self._release(fetch)
-                if _uploadLeftLog(request, stream):
-                    self._clientLeft(exchange, route, stream)
+                self._uploadGivenUp(fetch, route, stream)
                 return
             if stream is not None:
                 stream.answered = True
@@ -1297,9 +1293,7 @@ class CachingProxyResource(Resource):
                 # The client went away during its upload (or the body broke
                 # the size limit): the upstream request was aborted for it.
                 exchange.gone = True
-                self._release(fetch)
-                if _uploadLeftLog(request, stream):
-                    self._clientLeft(exchange, route, stream)
+                self._uploadGivenUp(fetch, route, stream)
                 return
             if f.check(ConnectError, DNSLookupError, TimeoutError) or _isConnectFailure(f):
                 self.mesh.noteFetchFailed(route.neighbour)
@@ -1322,11 +1316,17 @@ class CachingProxyResource(Resource):
         d.addCallbacks(gotResponse, failed)
         d.addErrback(self._fetchCrashed, fetch)
 
-    def _clientLeft(self, exchange: _Exchange, route: Any, stream: RequestBodyStream) -> None:
+    def _uploadGivenUp(self, fetch: _Fetch, route: Any, stream: RequestBodyStream) -> None:
         """
-        Log a client that went away before its request body was complete
-        (the upstream request, if any, was aborted).
+        The upstream request for C{fetch}'s streamed upload was given up
+        (L{_uploadGiveUp}): release the fetch, and when L{_uploadLeftLog}
+        says so log a client that went away before its request body was
+        complete (the upstream request, if any, was aborted).
         """
+        self._release(fetch)
+        exchange = fetch.leader
+        if not _uploadLeftLog(exchange.request, stream):
+            return
         log.info("client went away after {received} request body bytes for {url}; "
                  "upstream request aborted", received=stream.received, url=exchange.access.url)
         self._log(exchange, "TCP_MISS_ABORTED", 0, 0,
