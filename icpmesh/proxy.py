@@ -1241,9 +1241,8 @@ class CachingProxyResource(Resource):
             return
         route = fetch.routes.pop(0)
         request = exchange.request
-        stream: Optional[RequestBodyStream] = None
-        if request is not None and exchange.access.method not in ("GET", "HEAD"):
-            stream = getattr(request, "bodyStream", None)
+        withBody = request is not None and exchange.access.method not in ("GET", "HEAD")
+        stream: Optional[RequestBodyStream] = getattr(request, "bodyStream", None) if withBody else None
         if stream is not None and _uploadGiveUp(request, stream):
             # While routes were chosen the client left during its upload, or
             # its body broke the size limit.
@@ -1255,14 +1254,13 @@ class CachingProxyResource(Resource):
             cc = list(sent.getRawHeaders(b"cache-control", []))
             sent.setRawHeaders(b"cache-control", [b", ".join(cc + [b"only-if-cached"])])
         body: Any = None
-        if request is not None and exchange.access.method not in ("GET", "HEAD"):
-            if stream is not None:
-                # Streamed as it arrives (icpmesh.body.StreamingRequest).
-                body = stream.producer()
-            elif _hasBody(request):
-                # Read whole by twisted.web first (a plain Site).
-                request.content.seek(0)
-                body = FileBodyProducer(_BodyReader(request.content), cooperator=_cooperator(self._reactor))
+        if stream is not None:
+            # Streamed as it arrives (icpmesh.body.StreamingRequest).
+            body = stream.producer()
+        elif withBody and _hasBody(request):
+            # Read whole by twisted.web first (a plain Site).
+            request.content.seek(0)
+            body = FileBodyProducer(_BodyReader(request.content), cooperator=_cooperator(self._reactor))
         method = exchange.access.method.encode("latin-1") if request is None else request.method
         url = exchange.access.url.encode("latin-1")
         requestTime = self._reactor.seconds()
