@@ -957,7 +957,7 @@ class CachingProxyResource(Resource):
             return
         status = meta.status
         out = _copyHeaders(template.headers)
-        if not out.hasHeader(b"date"):
+        if not template.hasDate:
             out.setRawHeaders(b"date", request.responseHeaders.getRawHeaders(b"date", []))
         inm = exchange.header(b"if-none-match")
         ims = exchange.header(b"if-modified-since")
