@@ -1190,14 +1190,18 @@ class CachingProxyResource(Resource):
                 routes = self.selector.selectRoutes(access, neighbours, self.mesh.icp)
             except BaseException:
                 routes = Failure()
+
+        def routed(routes: Any) -> None:
+            if never:
+                routes = [r for r in routes if r.neighbour is not None]
+            fetch.routes = list(routes)
+            self._tryRoutes(fetch, headers)
+
         if not isinstance(routes, (Deferred, Failure)) and not iscoroutine(routes):
             # The selector decided at once (no neighbour to ask): go on
             # without a Deferred, with the same outcome as below.
             try:
-                if never:
-                    routes = [r for r in routes if r.neighbour is not None]
-                fetch.routes = list(routes)
-                self._tryRoutes(fetch, headers)
+                routed(routes)
             except BaseException:
                 try:
                     self._fetchCrashed(Failure(), fetch)
@@ -1207,13 +1211,6 @@ class CachingProxyResource(Resource):
                     log.failure("handling a failed fetch failed")
             return
         d: Deferred[Any] = maybeDeferred(lambda: routes)
-        if never:
-            d.addCallback(lambda routes: [r for r in routes if r.neighbour is not None])
-
-        def routed(routes: Any) -> None:
-            fetch.routes = list(routes)
-            self._tryRoutes(fetch, headers)
-
         d.addCallback(routed)
         d.addErrback(self._fetchCrashed, fetch)
 
