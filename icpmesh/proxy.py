@@ -672,9 +672,10 @@ class CachingProxyResource(Resource):
                                client, method, uri.decode("latin-1"), started)
         url = uri.decode("latin-1")
         headerBytes = getattr(request, "headerBytes", None)
-        if self.maxRequestHeaderSize < (headerBytes if headerBytes is not None else (
-            getattr(request.channel, "totalHeadersSize", 0)
-        )) and _headerSize(request.requestHeaders) > self.maxRequestHeaderSize:
+        if headerBytes is None:
+            headerBytes = getattr(request.channel, "totalHeadersSize", 0)
+        limit = self.maxRequestHeaderSize
+        if limit < headerBytes and _headerSize(request.requestHeaders) > limit:
             # (A larger header section never gets here: twisted.web's
             # channel refuses it with 400 first.)
             return self._error(request, 431, "Request Header Fields Too Large",
