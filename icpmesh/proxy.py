@@ -2237,7 +2237,7 @@ def _clientLost(_: Any, exchange: _Exchange) -> None:
     exchange.gone = True
     relay = exchange.relay
     if relay is not None:
-        exchange.relay = None
+        # (It drops the exchange's back-reference to it too.)
         relay.clientLost(exchange)
 
 
