@@ -257,7 +257,7 @@ def targetedFreshness(
         to decide storing and reuse with, a cap on the freshness lifetime
         in seconds (or C{None}), and whether C{Expires} no longer counts.
     """
-    if targeted is None or not targeted or mode == "ignore":
+    if not targeted or mode == "ignore":
         return responseCC, None, False
     if mode == "on":
         # RFC 9213 section 2.1: a targeted field replaces the others.
