@@ -39,7 +39,7 @@ class _Unsatisfiable:
 #: A C{Range} header none of whose ranges overlaps the body: answer 416.
 UNSATISFIABLE = _Unsatisfiable()
 
-#: What L{parseRange} and L{selectRange} return: C{None} (ignore the
+#: What L{parseRange} returns: C{None} (ignore the
 #: header and send the whole body), L{UNSATISFIABLE}, or C{(first, last)},
 #: the inclusive offsets of the bytes to send.
 RangeResult = Union[None, _Unsatisfiable, tuple[int, int]]
