@@ -639,6 +639,8 @@ class CachingProxyResource(Resource):
         self.xCacheMiss = f"MISS from {visibleHostname}".encode()
         # id(meta) -> what every hit on it shares
         self._templates: dict[int, _HitTemplate] = {}
+        # (meta, its directives) of the last _storedCC call
+        self._lastDirectives: Optional[tuple[StoredResponse, dict[str, Optional[str]]]] = None
         # primary key -> the request header names its stored response varies on
         # primary key -> (the request header names its stored responses vary
         # on, the secondary keys stored under it), oldest first
@@ -1595,17 +1597,27 @@ class CachingProxyResource(Resource):
         """
         The cache directives of a stored response, C{CDN-Cache-Control}
         and C{Surrogate-Control} applied as L{cdnCacheControl} says.
+
+        One lookup may ask up to three times (credentials, C{max-stale},
+        C{stale-while-revalidate}); the last answer is kept for the same
+        C{meta}.  Callers only read it.
         """
+        last = self._lastDirectives
+        if last is not None and last[0] is meta:
+            return last[1]
         headers = meta.headers
         ccValues = [v for k, v in headers if k == b"cache-control"]
         if self.cdnCacheControl == "ignore":
-            return parseCacheControl(ccValues)
-        return responseDirectives(
-            ccValues,
-            [v for k, v in headers if k == b"cdn-cache-control"],
-            [v for k, v in headers if k == b"surrogate-control"],
-            self.cdnCacheControl,
-        )[0]
+            directives = parseCacheControl(ccValues)
+        else:
+            directives = responseDirectives(
+                ccValues,
+                [v for k, v in headers if k == b"cdn-cache-control"],
+                [v for k, v in headers if k == b"surrogate-control"],
+                self.cdnCacheControl,
+            )[0]
+        self._lastDirectives = (meta, directives)
+        return directives
 
     def _meta(
         self,

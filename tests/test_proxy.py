@@ -391,6 +391,29 @@ class BasicCachingTests(ProxyTestMixin, SynchronousTestCase):
         self.assertEqual(self.get(URL_BASE + "/a").header("x-cache"), "HIT from proxy.test")
         self.assertRaises(ValueError, self.build, cdnCacheControl="maybe")
 
+    def test_storedDirectivesParsedOncePerLookup(self) -> None:
+        """
+        The checks of one lookup (credentials, C{max-stale},
+        C{stale-while-revalidate}) read a stored response's directives
+        parsed once: asking again for the same stored response parses
+        nothing; another stored response is parsed.
+        """
+        from icpmesh import proxy as proxyModule
+        from icpmesh.interfaces import StoredResponse
+
+        calls: list[Any] = []
+        original = proxyModule.responseDirectives
+        self.patch(proxyModule, "responseDirectives", lambda *a: calls.append(a) or original(*a))
+        first = StoredResponse(200, b"OK", ((b"cache-control", b"public, max-age=1"),), NOW, NOW, NOW + 1, 1)
+        second = StoredResponse(200, b"OK", ((b"cache-control", b"private"),), NOW, NOW, NOW, 1)
+        directives = self.proxy._storedCC(first)
+        self.assertEqual(directives, {"public": None, "max-age": "1"})
+        self.assertIs(self.proxy._storedCC(first), directives)
+        self.assertIs(self.proxy._storedCC(first), directives)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.proxy._storedCC(second), {"private": None})
+        self.assertEqual(len(calls), 2)
+
     def test_mustUnderstand(self) -> None:
         """
         C{must-understand}: a 200 is stored despite C{no-store}; a status
