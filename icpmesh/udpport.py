@@ -21,7 +21,6 @@ C{listenUDP}/C{listenMulticast} otherwise (test reactors, IOCP).
 
 from __future__ import annotations
 
-import errno
 import socket
 from typing import Any
 
@@ -31,10 +30,11 @@ from twisted.python import log
 
 from icpmesh.icp import MAX_MESSAGE_LENGTH
 
-#: Errors that end a read quietly: nothing more to read now.
-_READ_IGNORE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
-#: Errors that report an earlier send refused (ICMP port unreachable).
-_READ_REFUSE = frozenset((errno.ECONNREFUSED,))
+#: Errors that end a read quietly (nothing more to read now), and errors that
+#: report an earlier send refused (ICMP port unreachable): Twisted's own
+#: lists for C{udp.Port.doRead}, on every platform, as sets.
+_READ_IGNORE = frozenset(udp._sockErrReadIgnore)
+_READ_REFUSE = frozenset(udp._sockErrReadRefuse)
 
 
 class _LeanRead:
