@@ -350,7 +350,7 @@ class ICPProtocol(DatagramProtocol):
         if self.repliesReceived:
             result["replies"] = result.get("replies", 0) + self.repliesReceived
         if self.queriesSent:
-            result["queriesSent"] = result.get("queriesSent", 0) + self.queriesSent
+            result["queriesSent"] = self.queriesSent
         return result
 
     def _malformed(self, error: icp.DecodeError, data: bytes, address: Address) -> None:
