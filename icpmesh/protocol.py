@@ -41,13 +41,12 @@ _FAST_REPLY_OPCODES = frozenset(
 _OPCODES = {int(o): o for o in icp.Opcode}
 _MAX_MESSAGE_LENGTH = icp.MAX_MESSAGE_LENGTH
 _REPLY_WORDS = struct.Struct("!IIII")
-#: Cap on the set of neighbour addresses already checked by C{write}.
-MAX_CHECKED_ADDRESSES = 4096
-
-
 #: Distinct reply datagrams per query whose decoded L{icp.Message} is kept
 #: for sharing with identical replies.
 _SHARED_MESSAGES_MAX = 16
+#: Cap on the set of neighbour addresses already checked by C{write}.
+MAX_CHECKED_ADDRESSES = 4096
+
 
 class IResponder(Protocol):
     """
