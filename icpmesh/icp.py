@@ -43,6 +43,7 @@ import attr
 __all__ = [
     "Opcode",
     "KNOWN_OPCODES",
+    "OPCODES_BY_NUMBER",
     "REPLY_OPCODES",
     "FLAG_HIT_OBJ",
     "FLAG_SRC_RTT",
@@ -160,7 +161,9 @@ _UINT16 = struct.Struct("!H")
 _UINT32 = struct.Struct("!I")
 
 # int -> Opcode member; one dict lookup both checks and converts.
-_OPCODES: dict[int, Opcode] = {int(o): o for o in Opcode}
+#: Opcode number -> L{Opcode}, for decoders (a dict look-up is cheaper
+#: than calling the enum).
+OPCODES_BY_NUMBER: dict[int, Opcode] = {int(o): o for o in Opcode}
 _QUERY = 1
 _HIT_OBJ = 23
 _VERSIONS = frozenset((VERSION_2, VERSION_3))
@@ -277,7 +280,7 @@ def decode(data: bytes) -> Message:
         )
     if version not in _VERSIONS:
         raise DecodeError(REASON_VERSION, Header._make(fields), f"version {version}")
-    op = _OPCODES.get(opcode)
+    op = OPCODES_BY_NUMBER.get(opcode)
     if op is None:
         raise DecodeError(REASON_OPCODE, Header._make(fields), f"opcode {opcode}")
 
@@ -529,7 +532,7 @@ def opcodeName(opcode: int) -> str:
     @param opcode: the opcode value.
     @return: the name.
     """
-    op = _OPCODES.get(opcode)
+    op = OPCODES_BY_NUMBER.get(opcode)
     return op.name if op is not None else f"UNKNOWN({opcode})"
 
 

@@ -38,8 +38,8 @@ Address = tuple[str, int]
 _FAST_REPLY_OPCODES = frozenset(
     int(o) for o in (icp.Opcode.HIT, icp.Opcode.MISS, icp.Opcode.MISS_NOFETCH, icp.Opcode.DENIED)
 )
-_OPCODES = {int(o): o for o in icp.Opcode}
 _MAX_MESSAGE_LENGTH = icp.MAX_MESSAGE_LENGTH
+_OPCODES = icp.OPCODES_BY_NUMBER
 _REPLY_WORDS = struct.Struct("!IIII")
 #: Distinct reply datagrams per query whose decoded L{icp.Message} is kept
 #: for sharing with identical replies.
